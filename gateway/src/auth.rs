@@ -1,0 +1,426 @@
+//! Device and admin credentials.
+//!
+//! ## Devices file
+//!
+//! Plain text, one device per line: `<device_id> <TAB> <sha256(token) hex> <TAB> <added>`.
+//! Lines starting with `#` are comments. Only hashes are stored: a token is shown once, by
+//! `outpost-gateway device add ID`, and never again. The CLI edits the file atomically
+//! (write a temporary file, fsync, rename), and the running gateway notices the change
+//! within a few seconds ([`watch_devices`]) — no restart needed.
+//!
+//! Tokens are 24 random bytes, hex encoded with an `opd_` prefix. Because tokens are long
+//! random strings, looking one up by its SHA-256 reveals nothing useful through timing;
+//! the admin token is compared in constant time.
+//!
+//! ## Admin token
+//!
+//! One token in a file (mode 0600), created at first start if missing. It guards
+//! `/v1/status` and `/v1/export`, and the CLI reads the same file to call them.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use outpost_protocol::Id;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// A credentials file problem.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// Reading or writing the file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A line of the devices file is not `id<TAB>hash<TAB>added`.
+    #[error("{path} line {line}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// `device add` for an id that already has a token.
+    #[error("device {0} already has a token; revoke it first (outpost-gateway device revoke {0})")]
+    Exists(String),
+    /// `device revoke` for an unknown id.
+    #[error("device {0} has no token")]
+    Unknown(String),
+    /// The device id is not valid.
+    #[error("invalid device id {id:?}: {reason}")]
+    InvalidId {
+        /// The id given.
+        id: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AuthError + '_ {
+    move |source| AuthError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The SHA-256 of a token, hex encoded.
+pub fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// A new random device token.
+pub fn new_token(prefix: &str) -> String {
+    let bytes: [u8; 24] = rand::random();
+    format!("{prefix}{}", hex::encode(bytes))
+}
+
+/// The known devices: token hash → device id.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DeviceTable {
+    by_hash: HashMap<String, String>,
+    entries: Vec<DeviceEntry>,
+}
+
+/// One line of the devices file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceEntry {
+    /// The device id.
+    pub device_id: String,
+    /// SHA-256 of its token, hex.
+    pub token_sha256: String,
+    /// When it was added (RFC 3339).
+    pub added: String,
+}
+
+impl DeviceTable {
+    /// Reads the devices file; a missing file is an empty table.
+    pub fn load(path: &Path) -> Result<DeviceTable, AuthError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(DeviceTable::default()),
+            Err(e) => return Err(io_err(path)(e)),
+        };
+        let mut table = DeviceTable::default();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim_end_matches('\r');
+            if line.trim().is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let parse = |message: &str| AuthError::Parse {
+                path: path.to_path_buf(),
+                line: i + 1,
+                message: message.to_string(),
+            };
+            let mut parts = line.split('\t');
+            let (Some(id), Some(hash)) = (parts.next(), parts.next()) else {
+                return Err(parse("expected device_id<TAB>sha256<TAB>added"));
+            };
+            if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(parse("the token hash must be 64 hex digits"));
+            }
+            Id::new_topic_safe(id).map_err(|e| parse(&format!("device id {e}")))?;
+            table.insert(DeviceEntry {
+                device_id: id.to_string(),
+                token_sha256: hash.to_ascii_lowercase(),
+                added: parts.next().unwrap_or("").to_string(),
+            });
+        }
+        Ok(table)
+    }
+
+    fn insert(&mut self, e: DeviceEntry) {
+        self.by_hash
+            .insert(e.token_sha256.clone(), e.device_id.clone());
+        self.entries.retain(|x| x.device_id != e.device_id);
+        self.entries.push(e);
+    }
+
+    /// The device a presented token belongs to.
+    pub fn device_for_token(&self, token: &str) -> Option<&str> {
+        self.by_hash.get(&hash_token(token)).map(String::as_str)
+    }
+
+    /// Every device, in file order.
+    pub fn entries(&self) -> &[DeviceEntry] {
+        &self.entries
+    }
+
+    fn render(&self) -> String {
+        let mut s = String::from(
+            "# Outpost device credentials: device_id<TAB>sha256(token)<TAB>added.\n\
+             # Managed by `outpost-gateway device add|revoke`; tokens themselves are not stored.\n",
+        );
+        for e in &self.entries {
+            s.push_str(&format!(
+                "{}\t{}\t{}\n",
+                e.device_id, e.token_sha256, e.added
+            ));
+        }
+        s
+    }
+}
+
+/// Writes `contents` to `path` atomically: temp file in the same directory, fsync, rename,
+/// fsync the directory. Readers see the old file or the new one, never half of one.
+pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+/// When the CLI runs as root, gives a credentials file to the owner of its directory (the
+/// service user on a packaged box), so the running gateway can still read it.
+fn give_to_directory_owner(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let m = std::fs::metadata(dir)?;
+    std::os::unix::fs::chown(path, Some(m.uid()), Some(m.gid()))
+}
+
+/// Adds a device and returns its new token (shown once).
+pub fn add_device(path: &Path, device_id: &str) -> Result<String, AuthError> {
+    Id::new_topic_safe(device_id).map_err(|e| AuthError::InvalidId {
+        id: device_id.into(),
+        reason: e.to_string(),
+    })?;
+    let mut table = DeviceTable::load(path)?;
+    if table.entries.iter().any(|e| e.device_id == device_id) {
+        return Err(AuthError::Exists(device_id.into()));
+    }
+    let token = new_token("opd_");
+    table.insert(DeviceEntry {
+        device_id: device_id.into(),
+        token_sha256: hash_token(&token),
+        added: outpost_protocol::json::format_time(now_ms(), None),
+    });
+    write_atomic(path, table.render().as_bytes(), 0o600).map_err(io_err(path))?;
+    give_to_directory_owner(path).map_err(io_err(path))?;
+    Ok(token)
+}
+
+/// Removes a device's token; its requests fail with 401 from then on.
+pub fn revoke_device(path: &Path, device_id: &str) -> Result<(), AuthError> {
+    let mut table = DeviceTable::load(path)?;
+    let before = table.entries.len();
+    table.entries.retain(|e| e.device_id != device_id);
+    if table.entries.len() == before {
+        return Err(AuthError::Unknown(device_id.into()));
+    }
+    table.by_hash.retain(|_, id| id != device_id);
+    write_atomic(path, table.render().as_bytes(), 0o600).map_err(io_err(path))?;
+    give_to_directory_owner(path).map_err(io_err(path))?;
+    Ok(())
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// What identifies a version of the file: a rename gives a new inode even when the
+/// modification time has coarse granularity.
+fn mtime(path: &Path) -> Option<(SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.ino(), m.len()))
+}
+
+/// Loads the devices file and spawns a task that reloads it when it changes (polling its
+/// modification time every `every`). A file that fails to parse keeps the previous table and
+/// logs an error, so a bad edit never locks every device out.
+pub fn watch_devices(
+    path: PathBuf,
+    every: Duration,
+    shutdown: CancellationToken,
+) -> Result<watch::Receiver<Arc<DeviceTable>>, AuthError> {
+    // Take the version before reading, so an edit that lands in between is reloaded.
+    let mut seen = mtime(&path);
+    let table = DeviceTable::load(&path)?;
+    let (tx, rx) = watch::channel(Arc::new(table));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let now = mtime(&path);
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            match DeviceTable::load(&path) {
+                Ok(t) => {
+                    tracing::info!(path = %path.display(), devices = t.entries.len(), "device credentials reloaded");
+                    let _ = tx.send(Arc::new(t));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "device credentials not reloaded; keeping the previous ones")
+                }
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// The admin token, compared in constant time.
+#[derive(Clone)]
+pub struct AdminToken(Arc<String>);
+
+impl AdminToken {
+    /// Reads the token file, creating it with a new random token (mode 0600) if missing.
+    pub fn load_or_create(path: &Path) -> Result<(AdminToken, bool), AuthError> {
+        match std::fs::read_to_string(path) {
+            Ok(t) if !t.trim().is_empty() => {
+                Ok((AdminToken(Arc::new(t.trim().to_string())), false))
+            }
+            Ok(_) => Err(AuthError::Parse {
+                path: path.to_path_buf(),
+                line: 1,
+                message: "the admin token file is empty; delete it to have a new token made".into(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let token = new_token("opa_");
+                write_atomic(path, format!("{token}\n").as_bytes(), 0o600).map_err(io_err(path))?;
+                Ok((AdminToken(Arc::new(token)), true))
+            }
+            Err(e) => Err(io_err(path)(e)),
+        }
+    }
+
+    /// Reads an existing token file (for the CLI).
+    pub fn read(path: &Path) -> Result<String, AuthError> {
+        std::fs::read_to_string(path)
+            .map(|t| t.trim().to_string())
+            .map_err(io_err(path))
+    }
+
+    /// Constant-time comparison with a presented token.
+    pub fn matches(&self, presented: &str) -> bool {
+        self.0.as_bytes().ct_eq(presented.as_bytes()).into()
+    }
+}
+
+/// Extracts the token from an `Authorization: Bearer …` header value.
+pub fn bearer(header: Option<&axum::http::HeaderValue>) -> Option<&str> {
+    let v = header?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_lookup_revoke() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("devices");
+        let t1 = add_device(&p, "door-1").unwrap();
+        let t2 = add_device(&p, "door-2").unwrap();
+        assert!(matches!(
+            add_device(&p, "door-1"),
+            Err(AuthError::Exists(_))
+        ));
+        assert!(matches!(
+            add_device(&p, "bad/id"),
+            Err(AuthError::InvalidId { .. })
+        ));
+        let table = DeviceTable::load(&p).unwrap();
+        assert_eq!(table.device_for_token(&t1), Some("door-1"));
+        assert_eq!(table.device_for_token(&t2), Some("door-2"));
+        assert_eq!(table.device_for_token("opd_wrong"), None);
+        assert!(
+            !std::fs::read_to_string(&p).unwrap().contains(&t1),
+            "tokens are never stored"
+        );
+        revoke_device(&p, "door-1").unwrap();
+        let table = DeviceTable::load(&p).unwrap();
+        assert_eq!(table.device_for_token(&t1), None);
+        assert_eq!(table.device_for_token(&t2), Some("door-2"));
+        assert!(matches!(
+            revoke_device(&p, "door-1"),
+            Err(AuthError::Unknown(_))
+        ));
+    }
+
+    #[test]
+    fn bad_lines_are_reported_with_their_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("devices");
+        std::fs::write(&p, "# c\ndoor-1\tnothex\n").unwrap();
+        let e = DeviceTable::load(&p).unwrap_err();
+        assert!(e.to_string().contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn admin_token_is_created_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("admin.token");
+        let (a, created) = AdminToken::load_or_create(&p).unwrap();
+        assert!(created);
+        let (b, created) = AdminToken::load_or_create(&p).unwrap();
+        assert!(!created);
+        let t = AdminToken::read(&p).unwrap();
+        assert!(a.matches(&t) && b.matches(&t));
+        assert!(!a.matches("opa_nope"));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+
+    #[tokio::test]
+    async fn running_gateway_sees_new_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("devices");
+        let stop = CancellationToken::new();
+        let mut rx = watch_devices(p.clone(), Duration::from_millis(20), stop.clone()).unwrap();
+        let token = add_device(&p, "door-9").unwrap();
+        tokio::time::timeout(Duration::from_secs(10), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rx.borrow().device_for_token(&token), Some("door-9"));
+        stop.cancel();
+    }
+}

@@ -1,0 +1,753 @@
+//! The journal: the gateway's durable store of punches, on sled 0.34.
+//!
+//! # What it guarantees
+//!
+//! - **Dense sequence.** Each stored record gets a `gateway_seq`, assigned in order without
+//!   gaps: 1, 2, 3, … for the life of the journal. A seq is never reused, also not after a
+//!   restart: `next_seq` is kept in the meta value, which is written in the same atomic
+//!   batch as the records, so after a restart it is the last record's seq + 1 (or the last
+//!   trimmed or evicted seq + 1 when the journal is empty).
+//! - **Records leave only two ways.** [`Journal::trim_through`] deletes what the relay
+//!   acknowledged, and `on_full = "drop_oldest"` evicts the oldest records when the quota is
+//!   reached. Both remove a prefix, so the records present are always the contiguous range
+//!   `first_unacked()..next_seq()`. Nothing is ever popped before it was sent.
+//! - **Nothing unflushed is visible.** [`Journal::append`] only writes (sled keeps it in
+//!   memory); [`Journal::flush`] awaits sled's `flush_async`, which fsyncs. The committer
+//!   answers no device before that returns. Readers ([`Journal::read_from`],
+//!   [`Journal::records`]) see only records up to the last successful flush (the
+//!   *durable watermark*), so the uplink can never send a record that a crash could still
+//!   take back and whose seq would then be reused.
+//! - **Dedup at the edge.** A punch whose (device_id, device_seq) is in the journal, earlier
+//!   in the same group, or trimmed within the dedup window is answered
+//!   [`Outcome::Duplicate`] and not stored again. Keys of evicted records are forgotten
+//!   with them (the punch is gone, so a resend is welcome).
+//! - **Quota.** `journal.max_bytes` limits the logical size of the records held (their
+//!   CBOR, key and dedup key): the unsent backlog. When a new punch does not fit, `reject`
+//!   answers `Rejected(StorageFull)` and `drop_oldest` evicts the oldest untrimmed records.
+//!   The dedup window (keys of trimmed records, about 40 bytes plus twice the device id
+//!   each) is bounded separately by `dedup_window.max_keys`, so it can never make the
+//!   journal refuse punches; [`JournalStats::window_bytes`] reports it.
+//!
+//! # On-disk layout
+//!
+//! One sled tree with prefixed keys (see [`layout`]): `r`+seq → CBOR record,
+//! `d`+device_id+0x00+device_seq → seq, `t`+seq → (trimmed_at, dedup key) and `mstate` →
+//! the [`layout::Meta`] counters. Every change is one `apply_batch` that also rewrites the
+//! meta, so the counters always match the entries and `open` needs no scan: it reads the
+//! meta and checks it against the first and last record keys (two O(log n) lookups). If
+//! they disagree (which would be a sled bug) it rebuilds the counters with one scan and
+//! logs a warning.
+//!
+//! The dedup window is a queue of tombstones in trim order. Each append or trim expires at
+//! most a few hundred of the oldest (by age, `dedup_window.max_age`, measured from the
+//! trim; or by count, `dedup_window.max_keys`), so expiry is incremental. Ages use the wall
+//! clock: a clock jump forward forgets early, a jump back keeps keys until the count limit.
+//!
+//! sled's files are larger than the logical size: it keeps a log of updates and
+//! compacts it in the background, so expect up to a few times `max_bytes` on disk in the
+//! worst case (the journal bench prints the measured ratio).
+//!
+//! # What happens on each failure
+//!
+//! - **kill -9 / power cut** between `append` and the end of `flush`: the group was not
+//!   acknowledged; after restart its records are either all there (then a resend is a
+//!   `duplicate`) or all absent (sled batches are atomic). `open` fsyncs sled's files
+//!   before anything is read, so records that survived in the page cache of a killed
+//!   process are on disk before they can be reported as duplicates or sent.
+//! - **After the flush returned**: the records survive; next_seq and trimmed_through come
+//!   back from the meta written in the same batches.
+//! - **A trim that was not yet flushed** is lost by a crash; the records come back and are
+//!   resent, and the relay recognises them (delivery is at-least-once).
+//! - **I/O error, ENOSPC included.** sled 0.34 stores the first I/O error in a global slot
+//!   (`Config::set_global_error`) and returns it from every later write and flush; only a
+//!   restart of its page cache (`PageCache::start`, i.e. reopening) clears it. So the
+//!   journal marks itself *broken*, the group in flight is rejected (`StorageFull` for
+//!   ENOSPC/EDQUOT, `Internal` otherwise), and the next write drops the sled handle and
+//!   reopens it from disk (retried on every later write until it works). Reopening
+//!   recovers exactly what reached the disk, fsyncs it, and resets the durable watermark,
+//!   seq counters and dedup state from there. Acknowledged records were fsynced before
+//!   their ack, so none are lost. A refused group may turn out to be on disk after the
+//!   reopen; its resend is then answered `duplicate` (never stored twice). Tested on a
+//!   real full tmpfs (`tests/journal_enospc.rs`). sled's `Mode` setting is not used: in
+//!   0.34 it changes nothing measurable.
+//! - **Another process holds the journal**: [`JournalError::InUse`] (sled's file lock).
+//!
+//! Every public method can be called from any thread; one mutex serialises writers
+//! (`append`, `trim_through`), and readers hold it only to copy the bounds.
+
+mod config;
+mod error;
+mod layout;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use outpost_protocol::{cbor, Record, RejectCode};
+use serde::Serialize;
+use tracing::{error, info, warn};
+
+pub use config::{
+    parse_duration, DedupWindow, JournalConfig, OnFull, MIN_CACHE_BYTES, MIN_MAX_BYTES,
+};
+pub use error::JournalError;
+
+use crate::committer::{Outcome, Pending};
+use layout::Meta;
+use writer::{Writer, EXPIRE_BUDGET};
+
+/// Records trimmed per atomic batch (a large trim is several batches; each leaves the
+/// meta consistent).
+const TRIM_CHUNK: u64 = 4096;
+
+/// How long a reopen waits for the old sled instance to let go of its file lock.
+const REOPEN_LOCK_WAIT: Duration = Duration::from_secs(3);
+
+/// How long `open` waits for a lock held by this process's previous handle (see
+/// [`open_store_waiting`]) before it reports the journal in use.
+const OPEN_LOCK_WAIT: Duration = Duration::from_millis(500);
+
+/// A point-in-time summary for the status page and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct JournalStats {
+    /// Records held (not yet acknowledged by the relay, not evicted).
+    pub records: u64,
+    /// Logical bytes of the records held (with their dedup keys): what `journal.max_bytes`
+    /// limits.
+    pub bytes: u64,
+    /// Logical bytes of the dedup window (keys of trimmed records), bounded by
+    /// `dedup_window.max_keys` rather than by the quota.
+    pub window_bytes: u64,
+    /// Gateway wall-clock receive time of the oldest record held, Unix ms.
+    pub oldest_received_wall_ms: Option<i64>,
+    /// The seq the next record gets.
+    pub next_seq: u64,
+    /// Highest seq the relay acknowledged (0 = none yet).
+    pub trimmed_through: u64,
+    /// Lowest seq still held (= `next_seq` when empty).
+    pub first_unacked: u64,
+    /// Highest seq known to be on disk (readers see up to here).
+    pub durable_through: u64,
+    /// Dedup keys remembered (records held + trimmed within the window).
+    pub dedup_keys: u64,
+    /// Of those, keys of trimmed records (bounded by `dedup_window.max_keys`).
+    pub dedup_window_keys: u64,
+    /// Records evicted by `on_full = "drop_oldest"` over the journal's life.
+    pub evicted: u64,
+    /// `journal.max_bytes`.
+    pub max_bytes: u64,
+    /// `false` while the journal is recovering from an I/O error (not writable).
+    pub writable: bool,
+}
+
+/// The durable journal. Cheap to clone; all clones share one sled database.
+#[derive(Clone)]
+pub struct Journal {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    dir: PathBuf,
+    cfg: JournalConfig,
+    epoch: u64,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    /// `None` only while a reopen after an I/O error has failed.
+    db: Option<sled::Db>,
+    /// Bumped at every reopen, so a flush that started before it does not move the new
+    /// watermark.
+    generation: u64,
+    meta: Meta,
+    /// Highest seq on disk.
+    durable_through: u64,
+    /// Set after an I/O error: the reason, and whether the disk is full.
+    broken: Option<(String, bool)>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl Journal {
+    /// Opens (or creates) the journal in `dir`. Fails with [`JournalError::InUse`] if
+    /// another process has it open (after waiting up to half a second, in case it is this
+    /// process's own previous handle closing), [`JournalError::Config`] for unusable
+    /// settings. No scan: a million-record journal opens in well under a second.
+    pub fn open(dir: impl AsRef<Path>, cfg: &JournalConfig) -> Result<Journal, JournalError> {
+        cfg.validate()
+            .map_err(|(key, msg)| JournalError::Config(format!("journal.{key}: {msg}")))?;
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|e| JournalError::from_io(dir.clone(), e))?;
+        let started = Instant::now();
+        let (db, meta) = open_store_waiting(&dir, cfg, OPEN_LOCK_WAIT)?;
+        info!(
+            path = %dir.display(),
+            records = meta.records(),
+            next_seq = meta.next_seq,
+            trimmed_through = meta.trimmed_through,
+            epoch = format_args!("{:016x}", meta.epoch),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "journal opened"
+        );
+        Ok(Journal {
+            shared: Arc::new(Shared {
+                dir,
+                cfg: cfg.clone(),
+                epoch: meta.epoch,
+                inner: Mutex::new(Inner {
+                    db: Some(db),
+                    generation: 0,
+                    durable_through: meta.next_seq - 1,
+                    meta,
+                    broken: None,
+                }),
+            }),
+        })
+    }
+
+    /// The journal directory.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// The settings it was opened with.
+    pub fn config(&self) -> &JournalConfig {
+        &self.shared.cfg
+    }
+
+    /// The random id of this journal, made when it was created; batches carry it so the
+    /// relay never confuses seqs of a reinstalled box with older ones.
+    pub fn epoch(&self) -> u64 {
+        self.shared.epoch
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave sled half-written (batches are
+        // atomic), and the meta is only replaced after a successful apply.
+        self.shared.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes `items` in one atomic batch and returns one outcome per item, in order:
+    /// `Accepted` with its seq, `Duplicate`, or `Rejected(StorageFull)` when the quota
+    /// refuses it. **Not durable** until [`Journal::flush`] returns: callers must not
+    /// acknowledge anything before that. An `Err` means nothing of the group was written.
+    pub fn append(&self, items: &[Pending]) -> Result<Vec<Outcome>, JournalError> {
+        self.append_at(items, now_ms())
+    }
+
+    pub(crate) fn append_at(
+        &self,
+        items: &[Pending],
+        now: i64,
+    ) -> Result<Vec<Outcome>, JournalError> {
+        let mut inner = self.lock();
+        let db = self.writable(&mut inner)?;
+        let cfg = &self.shared.cfg;
+        let mut w = Writer::new(&db, cfg, &self.shared.dir, inner.meta, now);
+        w.expire_window(EXPIRE_BUDGET)?;
+        let mut outcomes = Vec::with_capacity(items.len());
+        let mut rejected_full = 0usize;
+        for p in items {
+            let dk = layout::dedup_key(&p.punch);
+            if w.is_duplicate(&dk)? {
+                outcomes.push(Outcome::Duplicate);
+                continue;
+            }
+            let rec = Record {
+                punch: p.punch,
+                gateway_seq: w.meta.next_seq,
+                received: p.received,
+                source: p.source,
+            };
+            let value = cbor::to_vec(&rec);
+            let need = layout::record_size(value.len()) + layout::dedup_size(dk.len());
+            if !w.make_room(need)? {
+                outcomes.push(Outcome::Rejected(RejectCode::StorageFull));
+                rejected_full += 1;
+                continue;
+            }
+            outcomes.push(Outcome::Accepted {
+                gateway_seq: rec.gateway_seq,
+            });
+            w.insert_record(value, dk);
+        }
+        let evicted = w.evicted;
+        let meta = self.commit(&mut inner, w)?;
+        if evicted > 0 {
+            warn!(
+                evicted,
+                first_unacked = meta.first_seq,
+                "journal full: evicted the oldest unsent records (journal.on_full = \"drop_oldest\"); raise journal.max_bytes or restore the uplink"
+            );
+        }
+        if rejected_full > 0 {
+            warn!(
+                rejected = rejected_full,
+                bytes = meta.record_bytes,
+                max_bytes = cfg.max_bytes,
+                "journal full: refusing new punches (journal.on_full = \"reject\"); devices keep them and retry. Raise journal.max_bytes or restore the uplink"
+            );
+        }
+        Ok(outcomes)
+    }
+
+    fn commit(&self, inner: &mut Inner, w: Writer<'_>) -> Result<Meta, JournalError> {
+        match w.commit() {
+            Ok(meta) => {
+                inner.meta = meta;
+                Ok(meta)
+            }
+            Err((_, e)) => {
+                mark_broken(inner, &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes everything appended so far durable (sled `flush_async`, which fsyncs). On
+    /// error the journal reopens itself at the next write; the caller must treat the
+    /// records appended since the last successful flush as not stored.
+    pub async fn flush(&self) -> Result<(), JournalError> {
+        let (db, target, generation) = {
+            let inner = self.lock();
+            if let Some(e) = self.broken_error(&inner) {
+                return Err(e);
+            }
+            let Some(db) = inner.db.clone() else {
+                return Err(self.recovering("the journal is closed", false));
+            };
+            (db, inner.meta.next_seq - 1, inner.generation)
+        };
+        let result = db.flush_async().await;
+        drop(db);
+        let mut inner = self.lock();
+        match result {
+            Ok(_) => {
+                if inner.generation == generation && target > inner.durable_through {
+                    inner.durable_through = target;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let e = JournalError::from_sled(self.shared.dir.clone(), e);
+                if inner.generation == generation {
+                    mark_broken(&mut inner, &e);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Up to `max_records` durable records with `gateway_seq >= from`, in seq order, and
+    /// at most `max_bytes` of CBOR (but always at least one record if there is one).
+    /// Evicted or trimmed seqs are skipped, so the first record may be above `from`.
+    pub fn read_from(
+        &self,
+        from: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Record>, JournalError> {
+        let (db, lo, hi) = self.read_bounds(from)?;
+        let mut out = Vec::new();
+        if lo > hi || max_records == 0 {
+            return Ok(out);
+        }
+        let mut bytes = 0usize;
+        for kv in db.range(layout::record_key(lo)..=layout::record_key(hi)) {
+            let (_, v) = kv.map_err(|e| JournalError::from_sled(self.shared.dir.clone(), e))?;
+            if !out.is_empty() && bytes + v.len() > max_bytes {
+                break;
+            }
+            bytes += v.len();
+            out.push(self.decode(&v)?);
+            if out.len() >= max_records {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every durable record from `from` on, in seq order, for export. Works on a snapshot
+    /// of the bounds; records trimmed while iterating are skipped.
+    pub fn records(&self, from: u64) -> Result<Records, JournalError> {
+        let (db, lo, hi) = self.read_bounds(from)?;
+        let iter = (lo <= hi).then(|| db.range(layout::record_key(lo)..=layout::record_key(hi)));
+        Ok(Records {
+            iter,
+            dir: self.shared.dir.clone(),
+        })
+    }
+
+    fn read_bounds(&self, from: u64) -> Result<(sled::Db, u64, u64), JournalError> {
+        let inner = self.lock();
+        let Some(db) = inner.db.clone() else {
+            return Err(self
+                .broken_error(&inner)
+                .unwrap_or_else(|| self.recovering("the journal is closed", false)));
+        };
+        Ok((db, from.max(inner.meta.first_seq), inner.durable_through))
+    }
+
+    fn decode(&self, v: &[u8]) -> Result<Record, JournalError> {
+        cbor::decode_exact::<Record>(v).map_err(|e| JournalError::Corrupt {
+            path: self.shared.dir.clone(),
+            what: format!("a record does not decode: {e}"),
+        })
+    }
+
+    /// Deletes every record up to and including `seq` (the relay acknowledged them),
+    /// keeping their dedup keys for the window. Idempotent; `seq` is capped at the durable
+    /// watermark (an ack can only name what was sent). Returns the new `trimmed_through`.
+    /// Not flushed by itself: a crash may undo it, and then the records are resent.
+    pub fn trim_through(&self, seq: u64) -> Result<u64, JournalError> {
+        self.trim_through_at(seq, now_ms())
+    }
+
+    pub(crate) fn trim_through_at(&self, seq: u64, now: i64) -> Result<u64, JournalError> {
+        let mut inner = self.lock();
+        let db = self.writable(&mut inner)?;
+        let target = seq.min(inner.durable_through);
+        if seq > target {
+            warn!(
+                requested = seq,
+                durable_through = target,
+                "trim beyond the last stored record ignored"
+            );
+        }
+        loop {
+            let mut w = Writer::new(&db, &self.shared.cfg, &self.shared.dir, inner.meta, now);
+            let n = w.trim(target, TRIM_CHUNK)?;
+            let meta = self.commit(&mut inner, w)?;
+            // A separate batch, so the tombstones just written are visible to expiry and the
+            // window is back within `max_keys` when this returns.
+            // Budget proportional to the records trimmed keeps expiry amortised O(1).
+            let mut w = Writer::new(&db, &self.shared.cfg, &self.shared.dir, meta, now);
+            w.expire_window(EXPIRE_BUDGET + n as usize)?;
+            let meta = self.commit(&mut inner, w)?;
+            if n < TRIM_CHUNK || meta.first_seq > target {
+                return Ok(meta.trimmed_through);
+            }
+        }
+    }
+
+    /// Lowest seq still held (= [`Journal::next_seq`] when empty): where the uplink
+    /// starts after a restart.
+    pub fn first_unacked(&self) -> u64 {
+        self.lock().meta.first_seq
+    }
+
+    /// The seq the next record will get.
+    pub fn next_seq(&self) -> u64 {
+        self.lock().meta.next_seq
+    }
+
+    /// Highest seq on disk; readers see records up to here.
+    pub fn durable_through(&self) -> u64 {
+        self.lock().durable_through
+    }
+
+    /// Counters for the status page and metrics (one extra lookup for the oldest record).
+    pub fn stats(&self) -> JournalStats {
+        let inner = self.lock();
+        let m = inner.meta;
+        let oldest = if m.records() > 0 {
+            inner
+                .db
+                .as_ref()
+                .and_then(|db| db.get(layout::record_key(m.first_seq)).ok().flatten())
+                .and_then(|v| cbor::decode_exact::<Record>(&v).ok())
+                .map(|r| r.received.wall_ms)
+        } else {
+            None
+        };
+        JournalStats {
+            records: m.records(),
+            bytes: m.record_bytes,
+            window_bytes: m.window_bytes,
+            oldest_received_wall_ms: oldest,
+            next_seq: m.next_seq,
+            trimmed_through: m.trimmed_through,
+            first_unacked: m.first_seq,
+            durable_through: inner.durable_through,
+            dedup_keys: m.dedup_keys,
+            dedup_window_keys: m.tombstones,
+            evicted: m.evicted,
+            max_bytes: self.shared.cfg.max_bytes,
+            writable: inner.broken.is_none() && inner.db.is_some(),
+        }
+    }
+
+    /// Size of sled's files on disk (for comparing with the logical `bytes`).
+    pub fn size_on_disk(&self) -> Result<u64, JournalError> {
+        let db = self.lock().db.clone();
+        match db {
+            Some(db) => db
+                .size_on_disk()
+                .map_err(|e| JournalError::from_sled(self.shared.dir.clone(), e)),
+            None => Err(self.recovering("the journal is closed", false)),
+        }
+    }
+
+    fn recovering(&self, reason: &str, disk_full: bool) -> JournalError {
+        JournalError::Recovering {
+            path: self.shared.dir.clone(),
+            reason: reason.to_string(),
+            disk_full,
+        }
+    }
+
+    fn broken_error(&self, inner: &Inner) -> Option<JournalError> {
+        inner
+            .broken
+            .as_ref()
+            .map(|(r, full)| self.recovering(r, *full))
+    }
+
+    /// The sled handle for a write; reopens first if an I/O error broke the journal.
+    fn writable(&self, inner: &mut Inner) -> Result<sled::Db, JournalError> {
+        if inner.broken.is_none() {
+            if let Some(db) = &inner.db {
+                return Ok(db.clone());
+            }
+        }
+        self.reopen(inner)
+    }
+
+    /// Drops the sled instance and opens it again from disk: the only way to clear sled
+    /// 0.34's sticky I/O error. State (counters, watermark) is reloaded from what is on disk.
+    fn reopen(&self, inner: &mut Inner) -> Result<sled::Db, JournalError> {
+        let dir = &self.shared.dir;
+        inner.db = None;
+        let opened = open_store_waiting(dir, &self.shared.cfg, REOPEN_LOCK_WAIT);
+        match opened {
+            Ok((db, meta)) if meta.epoch == self.shared.epoch => {
+                inner.generation += 1;
+                inner.durable_through = meta.next_seq - 1;
+                inner.meta = meta;
+                inner.broken = None;
+                inner.db = Some(db.clone());
+                info!(path = %dir.display(), next_seq = meta.next_seq, "journal reopened after an I/O error; writing resumes");
+                Ok(db)
+            }
+            Ok((_, meta)) => {
+                let what = format!(
+                    "its epoch changed from {:016x} to {:016x} while the gateway was running",
+                    self.shared.epoch, meta.epoch
+                );
+                inner.broken = Some((what.clone(), false));
+                Err(JournalError::Corrupt {
+                    path: dir.clone(),
+                    what,
+                })
+            }
+            Err(e) => {
+                let full = e.is_disk_full();
+                inner.broken = Some((e.to_string(), full));
+                Err(self.recovering(&e.to_string(), full))
+            }
+        }
+    }
+}
+
+fn mark_broken(inner: &mut Inner, e: &JournalError) {
+    error!(error = %e, "journal write failed; the group is refused and the journal will reopen at the next write");
+    inner.broken = Some((e.to_string(), e.is_disk_full()));
+}
+
+/// Iterator over durable records, see [`Journal::records`].
+pub struct Records {
+    iter: Option<sled::Iter>,
+    dir: PathBuf,
+}
+
+impl Iterator for Records {
+    type Item = Result<Record, JournalError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let kv = self.iter.as_mut()?.next()?;
+        Some(match kv {
+            Ok((_, v)) => cbor::decode_exact::<Record>(&v).map_err(|e| JournalError::Corrupt {
+                path: self.dir.clone(),
+                what: format!("a record does not decode: {e}"),
+            }),
+            Err(e) => Err(JournalError::from_sled(self.dir.clone(), e)),
+        })
+    }
+}
+
+/// [`open_store`], retrying while the lock is held for up to `wait`: when this process
+/// just dropped its previous handle, sled's background threads let go of the file lock a
+/// moment later. Another process holding it is reported as [`JournalError::InUse`].
+fn open_store_waiting(
+    dir: &Path,
+    cfg: &JournalConfig,
+    wait: Duration,
+) -> Result<(sled::Db, Meta), JournalError> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match open_store(dir, cfg) {
+            Err(JournalError::InUse { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Opens sled, makes whatever it recovered durable, and loads (or creates) the meta.
+fn open_store(dir: &Path, cfg: &JournalConfig) -> Result<(sled::Db, Meta), JournalError> {
+    let err = |e| JournalError::from_sled(dir.to_path_buf(), e);
+    let db = sled::Config::new()
+        .path(dir)
+        .cache_capacity(cfg.cache_capacity_bytes)
+        .flush_every_ms(Some(1000))
+        .open()
+        .map_err(err)?;
+    sync_files(dir)?;
+    let meta = match db.get(layout::META_KEY).map_err(err)? {
+        Some(v) => {
+            let meta: Meta = minicbor::decode(&v).map_err(|e| JournalError::Corrupt {
+                path: dir.to_path_buf(),
+                what: format!("its meta value does not decode: {e}"),
+            })?;
+            if meta.format != layout::FORMAT_VERSION {
+                return Err(JournalError::Format {
+                    path: dir.to_path_buf(),
+                    found: meta.format,
+                    expected: layout::FORMAT_VERSION,
+                });
+            }
+            check_meta(&db, dir, meta)?
+        }
+        None => {
+            if db.first().map_err(err)?.is_some() {
+                return Err(JournalError::Corrupt {
+                    path: dir.to_path_buf(),
+                    what: "it holds data but no journal meta (not an Outpost journal?)".into(),
+                });
+            }
+            let mut epoch = rand::random::<u64>();
+            while epoch == 0 {
+                epoch = rand::random::<u64>();
+            }
+            let meta = Meta::new(epoch);
+            db.insert(layout::META_KEY, cbor::to_vec(&meta))
+                .map_err(err)?;
+            db.flush().map_err(err)?;
+            meta
+        }
+    };
+    Ok((db, meta))
+}
+
+/// fsyncs every file sled keeps in `dir`, and `dir` itself. After a kill -9, writes of the
+/// dead process may sit in the page cache only; they must be on disk before the gateway
+/// reports them as stored (a duplicate) or sends them.
+fn sync_files(dir: &Path) -> Result<(), JournalError> {
+    let io = |e| JournalError::from_io(dir.to_path_buf(), e);
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        if entry.file_type().map_err(io)?.is_file() {
+            std::fs::File::open(entry.path())
+                .and_then(|f| f.sync_all())
+                .map_err(io)?;
+        }
+    }
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io)
+}
+
+/// Checks the meta against the first and last record keys; rebuilds it with one scan if
+/// they disagree.
+fn check_meta(db: &sled::Db, dir: &Path, meta: Meta) -> Result<Meta, JournalError> {
+    let err = |e| JournalError::from_sled(dir.to_path_buf(), e);
+    let lo = layout::record_key(0);
+    let hi = layout::record_key(u64::MAX);
+    let first = db.range(lo..=hi).next().transpose().map_err(err)?;
+    let last = db.range(lo..=hi).next_back().transpose().map_err(err)?;
+    let first = first.and_then(|(k, _)| layout::seq_of_key(&k));
+    let last = last.and_then(|(k, _)| layout::seq_of_key(&k));
+    let consistent = match (first, last) {
+        (Some(f), Some(l)) => f == meta.first_seq && l + 1 == meta.next_seq,
+        (None, None) => meta.first_seq == meta.next_seq,
+        _ => false,
+    };
+    if consistent && meta.trimmed_through < meta.next_seq {
+        return Ok(meta);
+    }
+    warn!(path = %dir.display(), "journal meta disagrees with its records; rebuilding the counters with a full scan");
+    let rebuilt = rebuild_meta(db, dir, meta)?;
+    db.insert(layout::META_KEY, cbor::to_vec(&rebuilt))
+        .map_err(err)?;
+    db.flush().map_err(err)?;
+    Ok(rebuilt)
+}
+
+fn rebuild_meta(db: &sled::Db, dir: &Path, old: Meta) -> Result<Meta, JournalError> {
+    let err = |e| JournalError::from_sled(dir.to_path_buf(), e);
+    let mut m = Meta {
+        record_bytes: 0,
+        dedup_keys: 0,
+        tombstones: 0,
+        window_bytes: 0,
+        ..old
+    };
+    let (mut first, mut last, mut count) = (None, None, 0u64);
+    for kv in db.scan_prefix([layout::RECORD]) {
+        let (k, v) = kv.map_err(err)?;
+        let Some(seq) = layout::seq_of_key(&k) else {
+            continue;
+        };
+        first.get_or_insert(seq);
+        last = Some(seq);
+        count += 1;
+        m.record_bytes += layout::record_size(v.len());
+    }
+    let mut max_tomb = 0u64;
+    for kv in db.scan_prefix([layout::TOMB]) {
+        let (k, v) = kv.map_err(err)?;
+        m.tombstones += 1;
+        m.window_bytes += (k.len() + v.len()) as u64;
+        max_tomb = max_tomb.max(layout::seq_of_key(&k).unwrap_or(0));
+    }
+    // A dedup key belongs to a held record if it points at one, else to the window.
+    let held_from = first.unwrap_or(u64::MAX);
+    for kv in db.scan_prefix([layout::DEDUP]) {
+        let (k, v) = kv.map_err(err)?;
+        m.dedup_keys += 1;
+        let size = layout::dedup_size(k.len());
+        match layout::parse_seq_value(&v) {
+            Some(seq) if seq >= held_from => m.record_bytes += size,
+            _ => m.window_bytes += size,
+        }
+    }
+    match (first, last) {
+        (Some(f), Some(l)) => {
+            if l - f + 1 != count {
+                return Err(JournalError::Corrupt {
+                    path: dir.to_path_buf(),
+                    what: format!("records {f}..={l} have gaps ({count} present)"),
+                });
+            }
+            m.first_seq = f;
+            m.next_seq = l + 1;
+            m.trimmed_through = m.trimmed_through.min(f - 1);
+        }
+        _ => {
+            m.next_seq = old.next_seq.max(old.trimmed_through + 1).max(max_tomb + 1);
+            m.first_seq = m.next_seq;
+            m.trimmed_through = m.trimmed_through.min(m.next_seq - 1);
+        }
+    }
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,178 @@
+//! Unit tests that need the journal's internals: a controlled clock for the dedup window's
+//! age limit, and a tampered meta value for the rebuild path.
+
+use super::*;
+use outpost_protocol::{BootId, Id, Punch, PunchKind, Received, Source, VerifyMethod};
+
+fn p(device: &str, seq: u64) -> Pending {
+    Pending {
+        punch: Punch {
+            device_id: Id::new(device).unwrap(),
+            device_seq: seq,
+            subject_id: Id::new("EMP-1").unwrap(),
+            kind: PunchKind::Out,
+            verify: VerifyMethod::Face,
+            device_time_ms: 1_795_500_000_000,
+            utc_offset_min: None,
+        },
+        received: Received {
+            boot_id: BootId([1; 16]),
+            mono_ms: seq,
+            wall_ms: 1_795_500_000_000,
+            clock_synced: false,
+        },
+        source: Source::Mqtt,
+    }
+}
+
+fn cfg(max_keys: u64, max_age_s: u64) -> JournalConfig {
+    JournalConfig {
+        cache_capacity_bytes: 1 << 20,
+        dedup_window: DedupWindow {
+            max_age: Duration::from_secs(max_age_s),
+            max_keys,
+        },
+        ..JournalConfig::default()
+    }
+}
+
+fn flush(j: &Journal) {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(j.flush())
+        .unwrap();
+}
+
+/// Opens the raw sled database behind a journal that was just dropped. sled's flusher
+/// thread holds the database (and its file lock) for a moment after the last handle goes,
+/// so a plain `sled::open` right after a drop fails with "could not acquire lock".
+fn raw_open(dir: &std::path::Path) -> sled::Db {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match sled::open(dir) {
+            Ok(db) => return db,
+            Err(e) if Instant::now() < deadline && e.to_string().contains("acquire lock") => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("cannot open {}: {e}", dir.display()),
+        }
+    }
+}
+
+const T0: i64 = 1_800_000_000_000;
+
+#[test]
+fn dedup_window_expires_by_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(dir.path(), &cfg(1000, 3600)).unwrap();
+    let out = j.append_at(&[p("a", 1), p("a", 2)], T0).unwrap();
+    assert!(matches!(out[0], Outcome::Accepted { gateway_seq: 1 }));
+    flush(&j);
+    assert_eq!(j.trim_through_at(1, T0).unwrap(), 1);
+    // Within the window: still a duplicate (trimmed) and a duplicate (present).
+    let out = j
+        .append_at(&[p("a", 1), p("a", 2)], T0 + 3_599_000)
+        .unwrap();
+    assert_eq!(out, vec![Outcome::Duplicate, Outcome::Duplicate]);
+    // Past the age limit the trimmed key is forgotten; the present one never is.
+    let out = j
+        .append_at(&[p("a", 1), p("a", 2)], T0 + 3_601_000)
+        .unwrap();
+    assert_eq!(
+        out,
+        vec![Outcome::Accepted { gateway_seq: 3 }, Outcome::Duplicate]
+    );
+    let s = j.stats();
+    assert_eq!(s.dedup_window_keys, 0);
+    assert_eq!(s.dedup_keys, 2);
+    assert_eq!(s.records, 2);
+}
+
+#[test]
+fn dedup_window_expires_by_count_and_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg(3, 86_400);
+    let j = Journal::open(dir.path(), &c).unwrap();
+    let items: Vec<_> = (1..=5).map(|s| p("b", s)).collect();
+    j.append_at(&items, T0).unwrap();
+    flush(&j);
+    j.trim_through_at(5, T0).unwrap();
+    assert_eq!(j.stats().dedup_window_keys, 3, "oldest two forgotten");
+    drop(j);
+    let j = Journal::open(dir.path(), &c).unwrap();
+    let out = j.append_at(&items, T0).unwrap();
+    assert_eq!(
+        out,
+        vec![
+            Outcome::Accepted { gateway_seq: 6 },
+            Outcome::Accepted { gateway_seq: 7 },
+            Outcome::Duplicate,
+            Outcome::Duplicate,
+            Outcome::Duplicate,
+        ]
+    );
+}
+
+#[test]
+fn expiry_is_incremental() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(dir.path(), &cfg(1_000_000, 60)).unwrap();
+    let n = writer::EXPIRE_BUDGET as u64 * 3;
+    let items: Vec<_> = (1..=n).map(|s| p("c", s)).collect();
+    j.append_at(&items, T0).unwrap();
+    flush(&j);
+    j.trim_through_at(n, T0).unwrap();
+    assert_eq!(j.stats().dedup_window_keys, n);
+    // Each write forgets at most EXPIRE_BUDGET aged keys.
+    let later = T0 + 120_000;
+    j.append_at(&[p("d", 1)], later).unwrap();
+    assert_eq!(
+        j.stats().dedup_window_keys,
+        n - writer::EXPIRE_BUDGET as u64
+    );
+    j.append_at(&[p("d", 2)], later).unwrap();
+    j.append_at(&[p("d", 3)], later).unwrap();
+    assert_eq!(j.stats().dedup_window_keys, 0);
+    assert_eq!(j.stats().dedup_keys, 3);
+}
+
+#[test]
+fn tampered_meta_is_rebuilt_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg(1000, 86_400);
+    {
+        let j = Journal::open(dir.path(), &c).unwrap();
+        let items: Vec<_> = (1..=10).map(|s| p("e", s)).collect();
+        j.append_at(&items, T0).unwrap();
+        flush(&j);
+        j.trim_through_at(4, T0).unwrap();
+        flush(&j);
+    }
+    let good = {
+        let db = raw_open(dir.path());
+        let good: Meta = minicbor::decode(&db.get(layout::META_KEY).unwrap().unwrap()).unwrap();
+        let mut bad = good;
+        bad.next_seq = 5;
+        bad.record_bytes = 1;
+        bad.dedup_keys = 0;
+        db.insert(layout::META_KEY, cbor::to_vec(&bad)).unwrap();
+        db.flush().unwrap();
+        good
+    };
+    let j = Journal::open(dir.path(), &c).unwrap();
+    let inner = j.lock();
+    assert_eq!(inner.meta, good);
+}
+
+#[test]
+fn foreign_database_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = raw_open(dir.path());
+        db.insert(b"hello", b"world").unwrap();
+        db.flush().unwrap();
+    }
+    let e = Journal::open(dir.path(), &cfg(10, 10)).err().unwrap();
+    assert!(matches!(e, JournalError::Corrupt { .. }), "{e}");
+}

@@ -1,0 +1,286 @@
+//! The `[uplink]` section of the gateway config: where the relay is, how to reach it, how
+//! to batch, and how to behave when the link fails. `config/gateway.toml` documents every
+//! key; DESIGN.md fixes the names `uplink.relays`, `uplink.token_file` and
+//! `uplink.transport`.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+/// Which protocol carries the frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// One long-lived WebSocket on `/v1/uplink` (the normal path).
+    Websocket,
+    /// One `POST /v1/batches` per batch, for networks that break WebSockets.
+    Https,
+}
+
+impl Transport {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Websocket => "websocket",
+            Transport::Https => "https",
+        }
+    }
+}
+
+/// `[uplink]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UplinkConfig {
+    /// `uplink.relays`: relay URLs, tried in order with failover. Empty = uplink off.
+    pub relays: Vec<String>,
+    /// `uplink.transport`: `"websocket"` or `"https"`. Unset: taken from the first relay
+    /// URL's scheme (`ws`/`wss` → websocket, `http`/`https` → https).
+    pub transport: Option<Transport>,
+    /// `uplink.token_file`: the gateway's relay token (`outpost-relay gateway add`).
+    /// Default `<data_dir>/relay.token`. The variable `OUTPOST_UPLINK_TOKEN` wins when set.
+    pub token_file: Option<PathBuf>,
+    /// `uplink.ca_file`: PEM file of the CA(s) to trust for `wss://`/`https://` instead of
+    /// the built-in web roots (private relays).
+    pub ca_file: Option<PathBuf>,
+    /// `uplink.pinned_cert_sha256`: hex SHA-256 of the relay's certificate (DER). When set,
+    /// only that exact certificate is accepted (no CA check, no name check).
+    pub pinned_cert_sha256: Option<String>,
+    /// `uplink.batch_max_records`: records per batch at most (default 5000).
+    pub batch_max_records: usize,
+    /// `uplink.batch_max_bytes`: journal bytes (CBOR) per batch at most (default 1 MiB).
+    pub batch_max_bytes: usize,
+    /// `uplink.batch_max_age`: how long a record may wait for a fuller batch (default 1s).
+    #[serde(deserialize_with = "deserialize_duration")]
+    pub batch_max_age: Duration,
+    /// `uplink.window`: batches in flight without an ack (default 8).
+    pub window: usize,
+    /// `uplink.backoff_min`: first wait after a failure (default 1s).
+    #[serde(deserialize_with = "deserialize_duration")]
+    pub backoff_min: Duration,
+    /// `uplink.backoff_max`: longest wait between attempts (default 5m).
+    #[serde(deserialize_with = "deserialize_duration")]
+    pub backoff_max: Duration,
+    /// `uplink.ping_interval`: WebSocket ping period (default 15s).
+    #[serde(deserialize_with = "deserialize_duration")]
+    pub ping_interval: Duration,
+    /// `uplink.ping_timeout`: a link silent this long after a ping is dead (default 10s).
+    #[serde(deserialize_with = "deserialize_duration")]
+    pub ping_timeout: Duration,
+    /// `uplink.connect_timeout`: TCP + TLS + upgrade must finish within this (default 15s).
+    #[serde(deserialize_with = "deserialize_duration")]
+    pub connect_timeout: Duration,
+    /// `uplink.ack_timeout`: the oldest batch in flight must be acknowledged within this,
+    /// or the link is restarted and the batch resent (default 60s).
+    #[serde(deserialize_with = "deserialize_duration")]
+    pub ack_timeout: Duration,
+    /// `uplink.bandwidth_bytes_per_sec`: average upload cap in bytes/s; 0 = no cap.
+    pub bandwidth_bytes_per_sec: u64,
+}
+
+impl Default for UplinkConfig {
+    fn default() -> Self {
+        UplinkConfig {
+            relays: Vec::new(),
+            transport: None,
+            token_file: None,
+            ca_file: None,
+            pinned_cert_sha256: None,
+            batch_max_records: 5000,
+            batch_max_bytes: 1 << 20,
+            batch_max_age: Duration::from_secs(1),
+            window: 8,
+            backoff_min: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            ping_interval: Duration::from_secs(15),
+            ping_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(15),
+            ack_timeout: Duration::from_secs(60),
+            bandwidth_bytes_per_sec: 0,
+        }
+    }
+}
+
+/// Most batches in flight (the relay reads at most `limits.ws_pipeline` ahead anyway).
+pub const MAX_WINDOW: usize = 256;
+
+impl UplinkConfig {
+    /// `true` when at least one relay is configured.
+    pub fn enabled(&self) -> bool {
+        !self.relays.is_empty()
+    }
+
+    /// The transport in use: the explicit setting, else the first URL's scheme.
+    pub fn transport(&self) -> Transport {
+        self.transport.unwrap_or_else(|| {
+            match self
+                .relays
+                .first()
+                .map(|u| u.split("://").next().unwrap_or(""))
+            {
+                Some("http") | Some("https") => Transport::Https,
+                _ => Transport::Websocket,
+            }
+        })
+    }
+
+    /// The token file.
+    pub fn token_file(&self, data_dir: &Path) -> PathBuf {
+        self.token_file
+            .clone()
+            .unwrap_or_else(|| data_dir.join("relay.token"))
+    }
+
+    /// Checks the values. The error is `(key, message)` with the key relative to
+    /// `[uplink]`.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        for url in &self.relays {
+            super::link::Endpoint::parse(url, self.transport())
+                .map_err(|e| ("relays", format!("{url:?}: {e}")))?;
+        }
+        if self.batch_max_records == 0
+            || self.batch_max_records as u64 > outpost_protocol::batch::MAX_BATCH_RECORDS
+        {
+            return Err((
+                "batch_max_records",
+                format!(
+                    "must be between 1 and {}",
+                    outpost_protocol::batch::MAX_BATCH_RECORDS
+                ),
+            ));
+        }
+        if self.batch_max_bytes < 1024 {
+            return Err(("batch_max_bytes", "must be at least 1024".into()));
+        }
+        if self.window == 0 || self.window > MAX_WINDOW {
+            return Err(("window", format!("must be between 1 and {MAX_WINDOW}")));
+        }
+        if self.backoff_min.is_zero() {
+            return Err((
+                "backoff_min",
+                "must be more than 0 (for example \"1s\")".into(),
+            ));
+        }
+        if self.backoff_max < self.backoff_min {
+            return Err((
+                "backoff_max",
+                "must not be shorter than uplink.backoff_min".into(),
+            ));
+        }
+        for (key, d) in [
+            ("ping_interval", self.ping_interval),
+            ("ping_timeout", self.ping_timeout),
+            ("connect_timeout", self.connect_timeout),
+            ("ack_timeout", self.ack_timeout),
+        ] {
+            if d.is_zero() {
+                return Err((key, "must be more than 0 (for example \"10s\")".into()));
+            }
+        }
+        if let Some(pin) = &self.pinned_cert_sha256 {
+            super::tls::parse_pin(pin).map_err(|e| ("pinned_cert_sha256", e))?;
+        }
+        if let Some(ca) = &self.ca_file {
+            super::tls::load_ca_file(ca).map_err(|e| ("ca_file", e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses `"250ms"`, `"45s"`, `"30m"`, `"12h"`, `"7d"` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    if let Some(ms) = s.strip_suffix("ms") {
+        return ms.trim().parse().ok().map(Duration::from_millis);
+    }
+    let (num, mult) = match s.char_indices().last()? {
+        (i, 'd') => (&s[..i], 86_400),
+        (i, 'h') => (&s[..i], 3_600),
+        (i, 'm') => (&s[..i], 60),
+        (i, 's') => (&s[..i], 1),
+        _ => (s, 1),
+    };
+    let n: u64 = num.trim().parse().ok()?;
+    Some(Duration::from_secs(n.checked_mul(mult)?))
+}
+
+fn deserialize_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    struct V;
+    impl Visitor<'_> for V {
+        type Value = Duration;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(
+                "seconds as an integer, or a string like \"250ms\", \"45s\", \"30m\", \"12h\"",
+            )
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Duration, E> {
+            Ok(Duration::from_secs(v))
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Duration, E> {
+            u64::try_from(v)
+                .map(Duration::from_secs)
+                .map_err(|_| E::custom("a duration cannot be negative"))
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
+            parse_duration(v).ok_or_else(|| E::invalid_value(de::Unexpected::Str(v), &self))
+        }
+    }
+    d.deserialize_any(V)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_off() {
+        let c: UplinkConfig = toml::from_str("").unwrap();
+        assert_eq!(c, UplinkConfig::default());
+        assert!(!c.enabled());
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn parses_and_infers_transport() {
+        let c: UplinkConfig = toml::from_str(
+            "relays = [\"https://relay.example.org\"]\nbatch_max_age = \"250ms\"\nwindow = 4",
+        )
+        .unwrap();
+        assert_eq!(c.transport(), Transport::Https);
+        assert_eq!(c.batch_max_age, Duration::from_millis(250));
+        assert!(c.validate().is_ok());
+        let c: UplinkConfig =
+            toml::from_str("relays = [\"wss://r.example.org\"]\ntransport = \"https\"").unwrap();
+        assert_eq!(c.transport(), Transport::Https);
+        let c: UplinkConfig = toml::from_str("relays = [\"ws://127.0.0.1:7000\"]").unwrap();
+        assert_eq!(c.transport(), Transport::Websocket);
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let bad = |s: &str| {
+            toml::from_str::<UplinkConfig>(s)
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.validate().map_err(|(k, m)| format!("{k}: {m}")))
+                .unwrap_err()
+        };
+        assert!(bad("relays = [\"ftp://x\"]").starts_with("relays"));
+        assert!(bad("relays = [\"not a url\"]").starts_with("relays"));
+        assert!(bad("window = 0").starts_with("window"));
+        assert!(bad("batch_max_records = 0").starts_with("batch_max_records"));
+        assert!(bad("backoff_min = \"10s\"\nbackoff_max = \"1s\"").starts_with("backoff_max"));
+        assert!(bad("pinned_cert_sha256 = \"abc\"").starts_with("pinned_cert_sha256"));
+        assert!(bad("ca_file = \"/nonexistent/ca.pem\"").starts_with("ca_file"));
+        assert!(toml::from_str::<UplinkConfig>("relay = []").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_duration("x"), None);
+    }
+}
