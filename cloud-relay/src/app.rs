@@ -1,0 +1,394 @@
+//! The HTTP application: shared state, routes, the query API, health and metrics.
+//!
+//! | route | auth | what |
+//! |---|---|---|
+//! | `POST /v1/batches` | gateway token | a frame in, an Ack frame out ([`crate::intake`]) |
+//! | `GET /v1/uplink` | gateway token | the uplink WebSocket ([`crate::intake`]) |
+//! | `GET /v1/punches` | admin token | `{"items": [...], "next_cursor": ...}`, filters `site`, `device`, `subject`, `from`, `to` (RFC 3339 or Unix ms, on the punch time), `cursor`, `limit` |
+//! | `GET /v1/punches.csv` | admin token | the same filters, every matching punch as CSV (streamed page by page) |
+//! | `GET /v1/gateways` | admin token | `{"gateways": [...]}` |
+//! | `GET /v1/conflicts` | admin token | `{"items": [...], "next_cursor": ...}` |
+//! | `GET /health/live` | none | 200 while the process runs |
+//! | `GET /health/ready` | none | 200 when the store answers and the relay is not shutting down |
+//! | `GET /metrics` | none | Prometheus text ([`crate::metrics`]) |
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use outpost_protocol::json::{format_time, parse_time, punch_to_json};
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{bearer, AdminToken, GatewayCreds};
+use crate::config::LimitsSection;
+use crate::intake::{self, error_response};
+use crate::metrics::Metrics;
+use crate::store::{PunchPage, PunchQuery, PunchRow, Store};
+
+/// Everything the handlers share.
+pub struct AppState {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// Live gateway credentials.
+    pub creds: GatewayCreds,
+    /// The admin token.
+    pub admin: AdminToken,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// `[limits]`.
+    pub limits: LimitsSection,
+    /// Slots for batches being decoded or committed.
+    pub batch_slots: Arc<Semaphore>,
+    /// Cancelled at shutdown.
+    pub cancel: CancellationToken,
+    /// Commits and WebSockets that shutdown waits for.
+    pub tracker: TaskTracker,
+}
+
+impl AppState {
+    /// State for `store` with the given credentials, token and limits.
+    pub fn new(
+        store: Arc<dyn Store>,
+        creds: GatewayCreds,
+        admin: AdminToken,
+        limits: LimitsSection,
+        cancel: CancellationToken,
+    ) -> Arc<AppState> {
+        Arc::new(AppState {
+            store,
+            creds,
+            admin,
+            metrics: Arc::new(Metrics::new()),
+            batch_slots: Arc::new(Semaphore::new(limits.max_concurrent_batches)),
+            limits,
+            cancel,
+            tracker: TaskTracker::new(),
+        })
+    }
+}
+
+/// The relay's clock, Unix ms.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The router with every route.
+pub fn router(state: Arc<AppState>) -> Router {
+    let timeout = Duration::from_secs(state.limits.request_timeout_secs);
+    Router::new()
+        .route("/v1/batches", post(intake::post_batch))
+        .route("/v1/uplink", get(intake::uplink))
+        .route("/v1/punches", get(punches))
+        .route("/v1/punches.csv", get(punches_csv))
+        .route("/v1/gateways", get(gateways))
+        .route("/v1/conflicts", get(conflicts))
+        .route("/health/live", get(|| async { "ok\n" }))
+        .route("/health/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { error_response(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        // The body limit is enforced by /v1/batches itself (with a specific error code);
+        // axum's default 2 MiB cap would otherwise answer first.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
+        .with_state(state)
+}
+
+fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+    match bearer(headers.get(header::AUTHORIZATION)) {
+        Some(t) if state.admin.check(t) => Ok(()),
+        _ => {
+            state.metrics.auth_failure("admin");
+            Err(error_response(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this API needs `Authorization: Bearer <admin token>` (the file named by auth.admin_token_file)",
+            ))
+        }
+    }
+}
+
+fn bad_param(field: &str, message: &str) -> Response {
+    let body = json!({"error": {"code": "invalid_parameter", "message": message, "field": field}});
+    (StatusCode::BAD_REQUEST, Json(body)).into_response()
+}
+
+fn time_param(p: &HashMap<String, String>, field: &str) -> Result<Option<i64>, Response> {
+    let Some(v) = p.get(field) else {
+        return Ok(None);
+    };
+    if let Ok(ms) = v.parse::<i64>() {
+        return Ok(Some(ms));
+    }
+    parse_time(v).map(|(ms, _)| Some(ms)).map_err(|_| {
+        bad_param(
+            field,
+            "must be RFC 3339 with an offset or Unix milliseconds",
+        )
+    })
+}
+
+fn cursor_param(p: &HashMap<String, String>) -> Result<Option<u64>, Response> {
+    p.get("cursor")
+        .filter(|c| !c.is_empty())
+        .map(|c| c.parse::<u64>())
+        .transpose()
+        .map_err(|_| bad_param("cursor", "must be a next_cursor value from a previous page"))
+}
+
+fn punch_query(state: &AppState, p: &HashMap<String, String>) -> Result<PunchQuery, Response> {
+    let max = state.limits.max_query_limit;
+    let limit = match p.get("limit") {
+        None => 100.min(max),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if n >= 1 => n.min(max),
+            _ => {
+                return Err(bad_param(
+                    "limit",
+                    &format!("must be a number from 1 to {max}"),
+                ))
+            }
+        },
+    };
+    Ok(PunchQuery {
+        site: p.get("site").cloned(),
+        device: p.get("device").cloned(),
+        subject: p.get("subject").cloned(),
+        from_ms: time_param(p, "from")?,
+        to_ms: time_param(p, "to")?,
+        after: cursor_param(p)?,
+        limit,
+    })
+}
+
+fn store_error(e: crate::store::StoreError) -> Response {
+    tracing::error!(error = %e, "query failed");
+    error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        &e.to_string(),
+    )
+}
+
+async fn punches(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(p): Query<HashMap<String, String>>,
+) -> Response {
+    if let Err(r) = require_admin(&state, &headers) {
+        return r;
+    }
+    let q = match punch_query(&state, &p) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    match state.store.punches(q).await {
+        Ok(page) => Json(json!({
+            "items": page.items.iter().map(|r| Value::Object(r.to_json())).collect::<Vec<_>>(),
+            "next_cursor": page.next_cursor.map(|c| c.to_string()),
+        }))
+        .into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+/// The CSV header of `/v1/punches.csv`.
+pub const CSV_HEADER: &str = "site,gateway_id,journal_epoch,gateway_seq,device_id,seq,subject,kind,verify,time,received_at,clock_synced,corrected_time,source,stored_at\n";
+
+fn csv_field(out: &mut String, v: &str) {
+    if v.contains([',', '"', '\n', '\r']) {
+        out.push('"');
+        out.push_str(&v.replace('"', "\"\""));
+        out.push('"');
+    } else {
+        out.push_str(v);
+    }
+}
+
+/// One CSV line for a row (fields as in [`CSV_HEADER`]).
+pub fn csv_line(r: &PunchRow) -> String {
+    let p = &r.record.punch;
+    let mut s = String::with_capacity(200);
+    let fields = [
+        r.site_id.as_str().to_string(),
+        r.gateway_id.as_str().to_string(),
+        r.journal_epoch.to_string(),
+        r.record.gateway_seq.to_string(),
+        p.device_id.as_str().to_string(),
+        p.device_seq.to_string(),
+        p.subject_id.as_str().to_string(),
+        p.kind.as_str().to_string(),
+        p.verify.as_str().to_string(),
+        format_time(p.device_time_ms, p.utc_offset_min),
+        format_time(r.record.received.wall_ms, None),
+        r.record.received.clock_synced.to_string(),
+        r.corrected_ms
+            .map(|t| format_time(t, None))
+            .unwrap_or_default(),
+        r.record.source.as_str().to_string(),
+        format_time(r.stored_at_ms, None),
+    ];
+    for (i, f) in fields.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        csv_field(&mut s, f);
+    }
+    s.push('\n');
+    s
+}
+
+async fn punches_csv(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(p): Query<HashMap<String, String>>,
+) -> Response {
+    if let Err(r) = require_admin(&state, &headers) {
+        return r;
+    }
+    let mut q = match punch_query(&state, &p) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    q.limit = state.limits.max_query_limit;
+    // Fail before the 200 if the store is down; later pages end the stream with an error.
+    let first = match state.store.punches(q.clone()).await {
+        Ok(page) => page,
+        Err(e) => return store_error(e),
+    };
+    enum Csv {
+        Header(PunchPage),
+        Fetch(u64),
+        Done,
+    }
+    fn page_text(p: &PunchPage) -> (String, Csv) {
+        let text = p.items.iter().map(csv_line).collect();
+        (text, p.next_cursor.map_or(Csv::Done, Csv::Fetch))
+    }
+    let store = state.store.clone();
+    let stream = futures_util::stream::unfold(
+        (Csv::Header(first), q, store),
+        |(step, mut q, store)| async move {
+            match step {
+                Csv::Header(page) => {
+                    let (text, next) = page_text(&page);
+                    Some((Ok(format!("{CSV_HEADER}{text}")), (next, q, store)))
+                }
+                Csv::Fetch(after) => {
+                    q.after = Some(after);
+                    match store.punches(q.clone()).await {
+                        Ok(page) => {
+                            let (text, next) = page_text(&page);
+                            Some((Ok(text), (next, q, store)))
+                        }
+                        Err(e) => Some((
+                            Err(std::io::Error::other(e.to_string())),
+                            (Csv::Done, q, store),
+                        )),
+                    }
+                }
+                Csv::Done => None,
+            }
+        },
+    );
+    (
+        [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+async fn gateways(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(r) = require_admin(&state, &headers) {
+        return r;
+    }
+    match state.store.gateways().await {
+        Ok(g) => Json(json!({"gateways": g.iter().map(|g| g.to_json()).collect::<Vec<_>>()}))
+            .into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn conflicts(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(p): Query<HashMap<String, String>>,
+) -> Response {
+    if let Err(r) = require_admin(&state, &headers) {
+        return r;
+    }
+    let after = match cursor_param(&p) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let limit = state.limits.max_query_limit.min(100);
+    match state.store.conflicts(after, limit).await {
+        Ok(items) => {
+            let next = (items.len() == limit)
+                .then(|| items.last().map(|c| c.id.to_string()))
+                .flatten();
+            let items: Vec<Value> = items
+                .iter()
+                .map(|c| {
+                    let mut m = punch_to_json(&c.record.punch);
+                    m.insert("site".into(), c.site_id.as_str().into());
+                    m.insert("gateway_id".into(), c.gateway_id.as_str().into());
+                    m.insert("journal_epoch".into(), c.journal_epoch.into());
+                    m.insert("gateway_seq".into(), c.record.gateway_seq.into());
+                    m.insert("stored_at".into(), format_time(c.stored_at_ms, None).into());
+                    m.insert("kept_cursor".into(), c.kept_cursor.to_string().into());
+                    Value::Object(m)
+                })
+                .collect();
+            Json(json!({"items": items, "next_cursor": next})).into_response()
+        }
+        Err(e) => store_error(e),
+    }
+}
+
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    if state.cancel.is_cancelled() {
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the relay is shutting down",
+        );
+    }
+    match tokio::time::timeout(Duration::from_secs(5), state.store.ready()).await {
+        Ok(Ok(())) => "ready\n".into_response(),
+        Ok(Err(e)) => error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            &e.to_string(),
+        ),
+        Err(_) => error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            "the store did not answer within 5 s",
+        ),
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,540 @@
+//! Relay configuration: a TOML file, environment overrides, and validation.
+//!
+//! Every key has a default except the TLS files: the relay serves HTTPS unless
+//! `tls.disabled = true` (local development only). Any key can be overridden by an
+//! environment variable `OUTPOST_<SECTION>__<KEY>` (upper case, two underscores between
+//! levels), e.g. `OUTPOST_RELAY__LISTEN=127.0.0.1:9000`. The value is read as a TOML value
+//! when it parses as one (`true`, `42`) and as a string otherwise. Unknown keys are errors,
+//! and every error names the key and the reason. Secrets (the database URL with its
+//! password, TLS keys, the admin token) come from files or the environment, never from the
+//! command line. `config/relay.toml` documents every key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax {
+        /// The file.
+        path: String,
+        /// The parser's message (with line and column).
+        message: String,
+    },
+    /// A key has a wrong type or value, or is unknown.
+    #[error("config key `{key}`: {message}")]
+    Key {
+        /// The dotted key (`relay.listen`).
+        key: String,
+        /// What is wrong and what is expected.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// A key error.
+    pub fn key(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Key {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The whole relay configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `[relay]`: listening address, data directory, shutdown.
+    pub relay: RelaySection,
+    /// `[tls]`: certificates.
+    pub tls: TlsSection,
+    /// `[store]`: sled or PostgreSQL.
+    pub store: StoreSection,
+    /// `[auth]`: gateway credentials and the admin token.
+    pub auth: AuthSection,
+    /// `[limits]`: sizes, counts, timeouts.
+    pub limits: LimitsSection,
+    /// `[log]`: logging.
+    pub log: LogSection,
+}
+
+/// `[relay]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelaySection {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Where the sled store, the gateways file and the admin token live.
+    pub data_dir: PathBuf,
+    /// How long shutdown waits for in-flight commits and connections, seconds.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for RelaySection {
+    fn default() -> Self {
+        RelaySection {
+            listen: SocketAddr::from(([0, 0, 0, 0], 7000)),
+            data_dir: PathBuf::from("./outpost-relay-data"),
+            shutdown_grace_secs: 15,
+        }
+    }
+}
+
+/// `[tls]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSection {
+    /// Serve plain HTTP (local development only).
+    pub disabled: bool,
+    /// PEM certificate chain.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key.
+    pub key_file: Option<PathBuf>,
+}
+
+/// Which store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// Embedded sled in `relay.data_dir/store`.
+    #[default]
+    Sled,
+    /// PostgreSQL at `store.url`.
+    Postgres,
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSection {
+    /// `sled` or `postgres`.
+    pub kind: StoreKind,
+    /// PostgreSQL URL (`postgres://user:password@host:port/db`).
+    pub url: Option<String>,
+    /// A file holding the PostgreSQL URL (keeps the password out of the config file).
+    pub url_file: Option<PathBuf>,
+    /// PostgreSQL connection pool size.
+    pub pool_size: usize,
+    /// sled page cache, bytes.
+    pub sled_cache_bytes: u64,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            kind: StoreKind::Sled,
+            url: None,
+            url_file: None,
+            pool_size: 16,
+            sled_cache_bytes: 64 << 20,
+        }
+    }
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSection {
+    /// Gateway credentials (hashes); default `<relay.data_dir>/gateways`.
+    pub gateways_file: Option<PathBuf>,
+    /// The admin/read token for the query API; default `<relay.data_dir>/admin.token`,
+    /// created at first start.
+    pub admin_token_file: Option<PathBuf>,
+    /// How often the running relay checks the gateways file for changes, ms.
+    pub reload_interval_ms: u64,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        AuthSection {
+            gateways_file: None,
+            admin_token_file: None,
+            reload_interval_ms: 2000,
+        }
+    }
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Largest frame (HTTP body or WebSocket message), bytes.
+    pub max_frame_bytes: u32,
+    /// Largest decompressed payload, bytes.
+    pub max_raw_bytes: u32,
+    /// Most records in one batch.
+    pub max_records_per_batch: usize,
+    /// Most open TCP connections; further clients wait in the listen backlog.
+    pub max_connections: usize,
+    /// Most batches being decoded or committed at once (bounds memory).
+    pub max_concurrent_batches: usize,
+    /// Batches one WebSocket may have in flight (read ahead of their acks).
+    pub ws_pipeline: usize,
+    /// WebSocket ping interval, seconds.
+    pub ws_ping_interval_secs: u64,
+    /// Close a WebSocket after this long without anything from the client, seconds.
+    pub ws_idle_timeout_secs: u64,
+    /// Time limit for one HTTP request, seconds.
+    pub request_timeout_secs: u64,
+    /// Time limit for a TLS handshake and request headers, seconds.
+    pub handshake_timeout_secs: u64,
+    /// Most items per page of the query API.
+    pub max_query_limit: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            max_frame_bytes: 4 << 20,
+            max_raw_bytes: 16 << 20,
+            max_records_per_batch: 10_000,
+            max_connections: 10_000,
+            max_concurrent_batches: 64,
+            ws_pipeline: 8,
+            ws_ping_interval_secs: 30,
+            ws_idle_timeout_secs: 90,
+            request_timeout_secs: 60,
+            handshake_timeout_secs: 10,
+            max_query_limit: 1000,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSection {
+    /// A tracing filter (`info`, `outpost_relay=debug,info`); `RUST_LOG` wins when set.
+    pub level: String,
+    /// `pretty` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            level: "info".into(),
+            format: LogFormat::Pretty,
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path` (or only the embedded defaults when `None`), applies `OUTPOST_*`
+    /// environment overrides from `env`, and validates the result.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let (origin, text) = match path {
+            Some(p) => (
+                p.display().to_string(),
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?,
+            ),
+            None => ("(embedded defaults)".to_string(), String::new()),
+        };
+        let mut table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    path: origin.clone(),
+                    message: e.to_string(),
+                })?;
+        apply_env_overrides(&mut table, env)?;
+        let cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| ConfigError::key(e.path().to_string(), e.inner().message().to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Loads using the process environment.
+    pub fn load_from_env(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Config::load(path, std::env::vars())
+    }
+
+    /// Checks values that types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.relay.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::key("relay.data_dir", "must not be empty"));
+        }
+        if !self.tls.disabled {
+            if self.tls.cert_file.is_none() {
+                return Err(ConfigError::key(
+                    "tls.cert_file",
+                    "is required (a PEM certificate chain); set tls.disabled = true only for local development",
+                ));
+            }
+            if self.tls.key_file.is_none() {
+                return Err(ConfigError::key(
+                    "tls.key_file",
+                    "is required (a PEM private key) when TLS is enabled",
+                ));
+            }
+        }
+        if self.store.kind == StoreKind::Postgres {
+            if self.store.url.is_some() && self.store.url_file.is_some() {
+                return Err(ConfigError::key(
+                    "store.url",
+                    "set either store.url or store.url_file, not both",
+                ));
+            }
+            if self.store.url.is_none() && self.store.url_file.is_none() {
+                return Err(ConfigError::key(
+                    "store.url",
+                    "is required when store.kind = \"postgres\" (or set store.url_file)",
+                ));
+            }
+            if let Some(url) = &self.store.url {
+                check_pg_url("store.url", url)?;
+            }
+            if self.store.pool_size == 0 {
+                return Err(ConfigError::key("store.pool_size", "must be at least 1"));
+            }
+        }
+        let l = &self.limits;
+        if l.max_frame_bytes < 1024 {
+            return Err(ConfigError::key(
+                "limits.max_frame_bytes",
+                "must be at least 1024",
+            ));
+        }
+        if l.max_raw_bytes < 1024 {
+            return Err(ConfigError::key(
+                "limits.max_raw_bytes",
+                "must be at least 1024",
+            ));
+        }
+        for (key, v) in [
+            ("limits.max_records_per_batch", l.max_records_per_batch),
+            ("limits.max_connections", l.max_connections),
+            ("limits.max_concurrent_batches", l.max_concurrent_batches),
+            ("limits.ws_pipeline", l.ws_pipeline),
+            ("limits.max_query_limit", l.max_query_limit),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::key(key, "must be at least 1"));
+            }
+        }
+        for (key, v) in [
+            ("limits.ws_ping_interval_secs", l.ws_ping_interval_secs),
+            ("limits.ws_idle_timeout_secs", l.ws_idle_timeout_secs),
+            ("limits.request_timeout_secs", l.request_timeout_secs),
+            ("limits.handshake_timeout_secs", l.handshake_timeout_secs),
+            ("auth.reload_interval_ms", self.auth.reload_interval_ms),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::key(key, "must be at least 1"));
+            }
+        }
+        if l.ws_idle_timeout_secs <= l.ws_ping_interval_secs {
+            return Err(ConfigError::key(
+                "limits.ws_idle_timeout_secs",
+                "must be longer than limits.ws_ping_interval_secs, or live clients are dropped between pings",
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| ConfigError::key("log.level", e.to_string()))?;
+        Ok(())
+    }
+
+    /// The gateways credentials file.
+    pub fn gateways_file(&self) -> PathBuf {
+        self.auth
+            .gateways_file
+            .clone()
+            .unwrap_or_else(|| self.relay.data_dir.join("gateways"))
+    }
+
+    /// The admin token file.
+    pub fn admin_token_file(&self) -> PathBuf {
+        self.auth
+            .admin_token_file
+            .clone()
+            .unwrap_or_else(|| self.relay.data_dir.join("admin.token"))
+    }
+
+    /// The sled store directory.
+    pub fn sled_dir(&self) -> PathBuf {
+        self.relay.data_dir.join("store")
+    }
+
+    /// The PostgreSQL URL, read from `store.url_file` when that is set.
+    pub fn store_url(&self) -> Result<String, ConfigError> {
+        if let Some(url) = &self.store.url {
+            return Ok(url.clone());
+        }
+        let Some(file) = &self.store.url_file else {
+            return Err(ConfigError::key("store.url", "is required for PostgreSQL"));
+        };
+        let url = std::fs::read_to_string(file)
+            .map_err(|e| ConfigError::key("store.url_file", format!("{}: {e}", file.display())))?
+            .trim()
+            .to_string();
+        check_pg_url("store.url_file", &url)?;
+        Ok(url)
+    }
+}
+
+fn check_pg_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    url.parse::<tokio_postgres::Config>()
+        .map(|_| ())
+        .map_err(|e| {
+            ConfigError::key(
+                key,
+                format!(
+                    "not a PostgreSQL URL ({e}); expected postgres://user:password@host:port/db"
+                ),
+            )
+        })
+}
+
+/// Applies `OUTPOST_A__B=value` variables to the table as `a.b = value`.
+fn apply_env_overrides(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    for (name, value) in env {
+        let Some(path) = name.strip_prefix("OUTPOST_") else {
+            continue;
+        };
+        if !path.contains("__") {
+            // Not a config key (e.g. OUTPOST_CONFIG).
+            continue;
+        }
+        let keys: Vec<String> = path.split("__").map(|k| k.to_ascii_lowercase()).collect();
+        if keys.iter().any(String::is_empty) {
+            return Err(ConfigError::key(
+                name.clone(),
+                "empty key segment in environment variable name",
+            ));
+        }
+        let parsed = format!("v = {value}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or(toml::Value::String(value));
+        let mut cur = &mut *table;
+        for k in &keys[..keys.len() - 1] {
+            let entry = cur
+                .entry(k.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            cur = match entry {
+                toml::Value::Table(t) => t,
+                _ => {
+                    return Err(ConfigError::key(
+                        keys.join("."),
+                        format!("{name} sets a key below `{k}`, which is not a section"),
+                    ))
+                }
+            };
+        }
+        cur.insert(keys[keys.len() - 1].clone(), parsed);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    const DEV: &[(&str, &str)] = &[("OUTPOST_TLS__DISABLED", "true")];
+
+    #[test]
+    fn defaults_need_tls_or_tls_disabled() {
+        let e = Config::load(None, env(&[])).unwrap_err();
+        assert!(e.to_string().contains("tls.cert_file"), "{e}");
+        let c = Config::load(None, env(DEV)).unwrap();
+        assert_eq!(c.relay.listen.to_string(), "0.0.0.0:7000");
+        assert_eq!(c.store.kind, StoreKind::Sled);
+        assert_eq!(c.admin_token_file(), c.relay.data_dir.join("admin.token"));
+    }
+
+    #[test]
+    fn env_overrides_apply_and_are_typed() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("OUTPOST_TLS__DISABLED", "true"),
+                ("OUTPOST_RELAY__LISTEN", "127.0.0.1:9000"),
+                ("OUTPOST_LIMITS__MAX_FRAME_BYTES", "65536"),
+                ("OUTPOST_STORE__KIND", "postgres"),
+                (
+                    "OUTPOST_STORE__URL",
+                    "postgres://u:p@127.0.0.1:5433/outpost",
+                ),
+                ("OUTPOST_CONFIG", "/ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.relay.listen.port(), 9000);
+        assert_eq!(c.limits.max_frame_bytes, 65536);
+        assert_eq!(
+            c.store_url().unwrap(),
+            "postgres://u:p@127.0.0.1:5433/outpost"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let with = |extra: &[(&str, &str)]| {
+            let mut all = DEV.to_vec();
+            all.extend_from_slice(extra);
+            Config::load(None, env(&all)).unwrap_err().to_string()
+        };
+        assert!(with(&[("OUTPOST_RELAY__LISTEN", "nowhere")]).contains("relay.listen"));
+        assert!(with(&[("OUTPOST_RELAY__LISTN", "1")]).contains("listn"));
+        assert!(with(&[("OUTPOST_STORE__KIND", "mongo")]).contains("store.kind"));
+        assert!(with(&[("OUTPOST_STORE__KIND", "postgres")]).contains("store.url"));
+        assert!(with(&[
+            ("OUTPOST_STORE__KIND", "postgres"),
+            ("OUTPOST_STORE__URL", "mysql://x")
+        ])
+        .contains("store.url"));
+        assert!(with(&[("OUTPOST_LIMITS__MAX_RAW_BYTES", "10")]).contains("limits.max_raw_bytes"));
+        assert!(with(&[("OUTPOST_LIMITS__WS_IDLE_TIMEOUT_SECS", "5")])
+            .contains("limits.ws_idle_timeout_secs"));
+        assert!(with(&[("OUTPOST_LOG__FORMAT", "xml")]).contains("log.format"));
+    }
+
+    #[test]
+    fn example_configs_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+        let dev = Config::load(Some(&dir.join("relay.dev.toml")), env(&[])).unwrap();
+        assert!(dev.tls.disabled);
+        let prod = Config::load(Some(&dir.join("relay.toml")), env(&[])).unwrap();
+        assert!(!prod.tls.disabled);
+    }
+}

@@ -1,0 +1,19 @@
+//! The Outpost cloud relay: receives batches from gateways, stores every punch exactly
+//! once, and serves them to the systems that need them.
+//!
+//! - [`config`]: the TOML configuration with `OUTPOST_*` overrides.
+//! - [`auth`]: gateway tokens (hashes in a file, reloaded live) and the admin token.
+//! - [`store`]: the storage trait and its sled and PostgreSQL implementations.
+//! - [`intake`]: `POST /v1/batches` and the `/v1/uplink` WebSocket.
+//! - [`app`]: routes, query API, health, metrics; [`metrics`]: the Prometheus metrics.
+//! - [`server`]: TLS, connections, graceful shutdown, `run`.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod intake;
+pub mod metrics;
+pub mod server;
+pub mod store;

@@ -1,0 +1,271 @@
+//! The listener: TCP accept loop, TLS (rustls with the ring provider), HTTP/1.1 with
+//! upgrades (WebSockets), connection limits, and graceful shutdown.
+//!
+//! Shutdown (SIGTERM or SIGINT, via the `CancellationToken`): stop accepting; ask every
+//! HTTP connection to finish its current request and close; WebSockets stop reading, wait
+//! for their in-flight commits, send their acks and close with 1001; then wait up to
+//! `relay.shutdown_grace_secs` for all of it, and close the store.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+use crate::app::{self, AppState};
+use crate::auth::{self, AdminToken, GatewayCreds, Gateways};
+use crate::config::{Config, StoreKind};
+use crate::store::postgres::PgStore;
+use crate::store::sled::SledStore;
+use crate::store::Store;
+
+/// Installs ring as the process-wide rustls provider (idempotent).
+pub fn install_crypto_provider() {
+    // Err means a provider is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Builds the TLS acceptor from PEM files.
+pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> anyhow::Result<TlsAcceptor> {
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
+        std::fs::File::open(cert_file)
+            .with_context(|| format!("tls.cert_file {}", cert_file.display()))?,
+    ))
+    .collect::<Result<Vec<_>, _>>()
+    .with_context(|| format!("tls.cert_file {} is not PEM", cert_file.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("tls.cert_file {} holds no certificate", cert_file.display());
+    }
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
+        std::fs::File::open(key_file)
+            .with_context(|| format!("tls.key_file {}", key_file.display()))?,
+    ))
+    .with_context(|| format!("tls.key_file {} is not PEM", key_file.display()))?
+    .with_context(|| format!("tls.key_file {} holds no private key", key_file.display()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("rustls protocol versions")?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("tls.cert_file and tls.key_file do not form a usable certificate")?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// Opens the configured store (applying PostgreSQL migrations).
+pub async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match cfg.store.kind {
+        StoreKind::Sled => {
+            let dir = cfg.sled_dir();
+            let cache = cfg.store.sled_cache_bytes;
+            let s = tokio::task::spawn_blocking(move || SledStore::open(&dir, cache))
+                .await
+                .context("open sled")??;
+            Arc::new(s)
+        }
+        StoreKind::Postgres => {
+            let url = cfg.store_url()?;
+            Arc::new(
+                PgStore::connect(&url, cfg.store.pool_size)
+                    .await
+                    .context("connect to PostgreSQL (store.url)")?,
+            )
+        }
+    })
+}
+
+/// Serves `router` on `listener` until `cancel`, then drains connections.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    router: Router,
+    state: Arc<AppState>,
+) {
+    let cancel = state.cancel.clone();
+    let conns = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(state.limits.max_connections));
+    let handshake = Duration::from_secs(state.limits.handshake_timeout_secs);
+    loop {
+        let permit = tokio::select! {
+            _ = cancel.cancelled() => break,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (tcp, peer) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let router = router.clone();
+        let tls = tls.clone();
+        let state = state.clone();
+        conns.spawn(async move {
+            let _permit = permit;
+            state.metrics.open_connections.inc();
+            match tls {
+                Some(acc) => match tokio::time::timeout(handshake, acc.accept(tcp)).await {
+                    Ok(Ok(stream)) => serve_conn(stream, router, &state, peer, handshake).await,
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                },
+                None => serve_conn(tcp, router, &state, peer, handshake).await,
+            }
+            state.metrics.open_connections.dec();
+        });
+    }
+    drop(listener);
+    conns.close();
+    conns.wait().await;
+}
+
+async fn serve_conn<S>(
+    io: S,
+    router: Router,
+    state: &AppState,
+    peer: SocketAddr,
+    header_timeout: Duration,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        router.clone().oneshot(req)
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        }
+        _ = state.cancel.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// `outpost-relay run`: everything, until SIGTERM/SIGINT.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    install_crypto_provider();
+    let tls = if cfg.tls.disabled {
+        tracing::warn!("tls.disabled = true: serving plain HTTP; gateway tokens travel in clear text. Use this only for local development");
+        None
+    } else {
+        let (Some(cert), Some(key)) = (&cfg.tls.cert_file, &cfg.tls.key_file) else {
+            anyhow::bail!("tls.cert_file and tls.key_file are required unless tls.disabled = true");
+        };
+        Some(tls_acceptor(cert, key)?)
+    };
+    std::fs::create_dir_all(&cfg.relay.data_dir).with_context(|| {
+        format!(
+            "cannot create relay.data_dir {}",
+            cfg.relay.data_dir.display()
+        )
+    })?;
+    let admin =
+        AdminToken::load_or_create(&cfg.admin_token_file()).context("auth.admin_token_file")?;
+    let gw_file = cfg.gateways_file();
+    let gateways = Gateways::load(&gw_file).context("auth.gateways_file")?;
+    if gateways.is_empty() {
+        tracing::warn!(file = %gw_file.display(), "no gateways registered yet; add one with `outpost-relay gateway add ID --site SITE`");
+    }
+    let creds = GatewayCreds::new(gateways);
+    let store = open_store(&cfg).await?;
+    let cancel = CancellationToken::new();
+    let state = AppState::new(
+        store.clone(),
+        creds.clone(),
+        admin,
+        cfg.limits.clone(),
+        cancel.clone(),
+    );
+    let watcher = tokio::spawn(auth::watch(
+        gw_file,
+        creds,
+        Duration::from_millis(cfg.auth.reload_interval_ms),
+        cancel.clone(),
+    ));
+    let listener = TcpListener::bind(cfg.relay.listen)
+        .await
+        .with_context(|| format!("cannot listen on relay.listen = {}", cfg.relay.listen))?;
+    tracing::info!(
+        listen = %cfg.relay.listen,
+        tls = tls.is_some(),
+        store = store.kind(),
+        "outpost-relay ready"
+    );
+    let signals = tokio::spawn({
+        let cancel = cancel.clone();
+        async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down: no new connections, finishing in-flight batches");
+            cancel.cancel();
+        }
+    });
+    let router = app::router(state.clone());
+    let grace = Duration::from_secs(cfg.relay.shutdown_grace_secs);
+    let server = serve(listener, tls, router, state.clone());
+    tokio::pin!(server);
+    tokio::select! {
+        _ = &mut server => {}
+        _ = async { cancel.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!("connections still open after relay.shutdown_grace_secs; closing them");
+        }
+    }
+    state.tracker.close();
+    if tokio::time::timeout(grace, state.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some commits did not finish within relay.shutdown_grace_secs; their batches were not acked and will be resent");
+    }
+    signals.abort();
+    let _ = watcher.await;
+    store.close().await.context("close the store")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,440 @@
+//! The relay's storage: one [`Store`] trait, two implementations ([`sled`] embedded,
+//! [`postgres`] for production and for several relays sharing one database).
+//!
+//! ## Rules every store implements (DESIGN.md, "Deduplication and conflicts")
+//!
+//! - **Primary key** `(gateway_id, journal_epoch, gateway_seq)`. A record whose primary key
+//!   is already stored is a *duplicate*: counted, nothing written. The set of stored
+//!   primary keys of one `(gateway_id, journal_epoch)` stream is kept as a short list of
+//!   closed ranges ([`SeqRanges`]); batches are contiguous, so the list stays tiny (a gap
+//!   only exists while an earlier batch is still on its way).
+//! - **Punch key** `(site_id, device_id, device_seq)`. A record with a new primary key whose
+//!   punch key is already stored (another gateway, a reinstalled box with a new epoch, a
+//!   device that resent) is a *duplicate* if the punch has the same content, and a
+//!   *conflict* otherwise: the first punch stays, the newcomer goes to the conflicts table.
+//!   Either way its primary key is now "stored", so a resend is a duplicate.
+//! - **Atomicity.** A batch is committed whole or not at all. [`Store::commit`] returns only
+//!   after the commit is durable, with the ack watermark `acked_through`: the highest
+//!   `gateway_seq` such that every record from the start of the stream's first stored range
+//!   up to it is stored. A batch that arrives before an earlier one (pipelining, two relays)
+//!   is stored, but the watermark waits for the gap to fill; the gateway keeps resending
+//!   what an ack does not name. When nothing is stored yet for the stream, `acked_through`
+//!   is 0 (gateway sequence numbers start at 1).
+//! - **Time.** Anchors are kept per `(gateway_id, boot_id)`, the one with the smallest
+//!   uncertainty wins. A record's corrected receive time is its wall clock if the gateway's
+//!   clock was synchronised, else `anchor.true_ms + (mono_ms - anchor.mono_ms)` with an
+//!   anchor of the same boot, else unknown until such an anchor arrives, at which point
+//!   every stored record of that boot still without a corrected time gets one
+//!   ([`corrected_time`]).
+
+pub mod postgres;
+pub mod sled;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use outpost_protocol::json::{format_time, punch_to_json};
+use outpost_protocol::{Batch, Id, Received, Record, TimeAnchor};
+use serde_json::{Map, Value};
+
+/// A boxed, sendable future: the trait's methods return these so it can be used as
+/// `dyn Store`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A punch whose device time is further than this from its corrected receive time is
+/// flagged `device_clock_suspect` in the query API (5 minutes).
+pub const SUSPECT_SKEW_MS: u64 = 5 * 60 * 1000;
+
+/// The most gaps one stream may have before its batches are refused. Gaps only exist
+/// while batches are in flight out of order; thousands mean a broken or hostile sender.
+pub const MAX_RANGES: usize = 1024;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or refused the work; nothing was committed. Retry.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A local I/O error (disk full, permissions); nothing was committed.
+    #[error("store I/O error: {0}")]
+    Io(String),
+    /// Stored data could not be decoded: the database was damaged or written by an
+    /// incompatible version.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// The stream `(gateway_id, journal_epoch)` has more than [`MAX_RANGES`] gaps.
+    #[error("gateway {gateway_id} journal epoch {journal_epoch} has more than {MAX_RANGES} gaps in its gateway_seq; send batches in order")]
+    TooManyGaps {
+        /// The gateway.
+        gateway_id: String,
+        /// Its epoch.
+        journal_epoch: u64,
+    },
+}
+
+impl StoreError {
+    /// A short stable name for metrics and error bodies.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Unavailable(_) => "store_unavailable",
+            StoreError::Io(_) => "store_io",
+            StoreError::Corrupt(_) => "store_corrupt",
+            StoreError::TooManyGaps { .. } => "too_many_gaps",
+        }
+    }
+}
+
+/// What a commit did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CommitOutcome {
+    /// The ack watermark for the batch's stream after this commit.
+    pub acked_through: u64,
+    /// Records stored as new punches.
+    pub stored: u32,
+    /// Records already stored (same primary key, or same punch with the same content).
+    pub duplicates: u32,
+    /// Records whose punch key matched a stored punch with different content.
+    pub conflicts: u32,
+    /// Earlier records whose corrected time was filled in by this batch's anchors.
+    pub corrected_later: u32,
+}
+
+/// Filters for [`Store::punches`]. Times filter the punch's device time (`time`):
+/// `from_ms` inclusive, `to_ms` exclusive.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PunchQuery {
+    /// Only this site.
+    pub site: Option<String>,
+    /// Only this device.
+    pub device: Option<String>,
+    /// Only this subject.
+    pub subject: Option<String>,
+    /// Device time at or after this Unix ms.
+    pub from_ms: Option<i64>,
+    /// Device time before this Unix ms.
+    pub to_ms: Option<i64>,
+    /// Continue after this cursor (from a previous page's `next_cursor`).
+    pub after: Option<u64>,
+    /// At most this many items (the caller bounds it).
+    pub limit: usize,
+}
+
+/// One stored punch with where and when it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PunchRow {
+    /// Position in the store's insertion order: the pagination cursor.
+    pub cursor: u64,
+    /// The site of the gateway that delivered it first.
+    pub site_id: Id,
+    /// That gateway.
+    pub gateway_id: Id,
+    /// Its journal epoch.
+    pub journal_epoch: u64,
+    /// The record as the gateway sent it (punch, gateway_seq, received stamp, source).
+    pub record: Record,
+    /// When the relay stored it (relay clock, Unix ms).
+    pub stored_at_ms: i64,
+    /// The corrected receive time (Unix ms), when known.
+    pub corrected_ms: Option<i64>,
+}
+
+impl PunchRow {
+    /// The JSON object of the query API: DESIGN.md's punch fields plus `site`,
+    /// `gateway_id`, `gateway_seq`, `received_at` (gateway wall clock), `corrected_time`
+    /// (null until known), `clock_synced`, `device_skew_ms` (device time minus corrected
+    /// time), `device_clock_suspect` (skew over [`SUSPECT_SKEW_MS`]), `source`,
+    /// `journal_epoch` and `stored_at`.
+    pub fn to_json(&self) -> Map<String, Value> {
+        let mut m = punch_to_json(&self.record.punch);
+        m.insert("site".into(), self.site_id.as_str().into());
+        m.insert("gateway_id".into(), self.gateway_id.as_str().into());
+        m.insert("journal_epoch".into(), self.journal_epoch.into());
+        m.insert("gateway_seq".into(), self.record.gateway_seq.into());
+        m.insert(
+            "received_at".into(),
+            format_time(self.record.received.wall_ms, None).into(),
+        );
+        m.insert(
+            "clock_synced".into(),
+            self.record.received.clock_synced.into(),
+        );
+        m.insert(
+            "corrected_time".into(),
+            self.corrected_ms
+                .map_or(Value::Null, |t| format_time(t, None).into()),
+        );
+        // DESIGN.md: keep device_time as sent, flag punches far from the receive time.
+        let skew = self
+            .corrected_ms
+            .map(|t| self.record.punch.device_time_ms.saturating_sub(t));
+        m.insert(
+            "device_skew_ms".into(),
+            skew.map_or(Value::Null, Value::from),
+        );
+        m.insert(
+            "device_clock_suspect".into(),
+            skew.is_some_and(|s| s.unsigned_abs() > SUSPECT_SKEW_MS)
+                .into(),
+        );
+        m.insert("source".into(), self.record.source.as_str().into());
+        m.insert(
+            "stored_at".into(),
+            format_time(self.stored_at_ms, None).into(),
+        );
+        m
+    }
+}
+
+/// One page of punches.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PunchPage {
+    /// The punches, in cursor order.
+    pub items: Vec<PunchRow>,
+    /// Pass as `after` to get the next page; `None` when this page is the last.
+    pub next_cursor: Option<u64>,
+}
+
+/// What the relay knows about one gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayInfo {
+    /// The gateway.
+    pub gateway_id: String,
+    /// The site its batches name.
+    pub site_id: String,
+    /// Relay time of its last committed batch, Unix ms.
+    pub last_seen_ms: i64,
+    /// The journal epoch of that batch.
+    pub journal_epoch: u64,
+    /// The ack watermark of that epoch.
+    pub acked_through: u64,
+    /// Records stored as new punches, all epochs.
+    pub records: u64,
+    /// Duplicates received, all epochs.
+    pub duplicates: u64,
+    /// Conflicts received, all epochs.
+    pub conflicts: u64,
+}
+
+impl GatewayInfo {
+    /// The JSON object of `GET /v1/gateways`.
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({
+            "gateway_id": self.gateway_id,
+            "site": self.site_id,
+            "last_seen": format_time(self.last_seen_ms, None),
+            "journal_epoch": self.journal_epoch,
+            "acked_through": self.acked_through,
+            "records": self.records,
+            "duplicates": self.duplicates,
+            "conflicts": self.conflicts,
+        })
+    }
+}
+
+/// A punch that arrived with the punch key of a stored punch but different content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConflictRow {
+    /// Insertion order.
+    pub id: u64,
+    /// The newcomer's site.
+    pub site_id: Id,
+    /// The newcomer's gateway.
+    pub gateway_id: Id,
+    /// Its epoch.
+    pub journal_epoch: u64,
+    /// The newcomer as sent.
+    pub record: Record,
+    /// When the relay received it.
+    pub stored_at_ms: i64,
+    /// The cursor of the punch that was kept.
+    pub kept_cursor: u64,
+}
+
+/// The relay's storage. Every method is safe to call concurrently; `commit` for one stream
+/// may run on several relay processes at once (PostgreSQL) and must stay exactly-once.
+pub trait Store: Send + Sync + 'static {
+    /// `"sled"` or `"postgres"`.
+    fn kind(&self) -> &'static str;
+
+    /// Stores a decoded batch atomically and durably; see the module docs for the rules.
+    /// `now_ms` is the relay's clock, recorded as each new punch's `stored_at`.
+    fn commit(&self, batch: Batch, now_ms: i64)
+        -> BoxFuture<'_, Result<CommitOutcome, StoreError>>;
+
+    /// One page of punches matching `query`, in cursor order.
+    fn punches(&self, query: PunchQuery) -> BoxFuture<'_, Result<PunchPage, StoreError>>;
+
+    /// Every gateway that has sent a batch, ordered by id.
+    fn gateways(&self) -> BoxFuture<'_, Result<Vec<GatewayInfo>, StoreError>>;
+
+    /// Conflicts after `after` (their `id`), oldest first, at most `limit`.
+    fn conflicts(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<ConflictRow>, StoreError>>;
+
+    /// Succeeds when the store can take commits now.
+    fn ready(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Makes everything durable and releases resources; called once at shutdown.
+    fn close(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+}
+
+/// The set of stored `gateway_seq` values of one stream, as sorted, disjoint, non-adjacent
+/// closed ranges.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SeqRanges(Vec<(u64, u64)>);
+
+impl SeqRanges {
+    /// Rebuilds from the flat form `[lo0, hi0, lo1, hi1, ...]`; `None` if malformed.
+    pub fn from_flat(flat: &[u64]) -> Option<Self> {
+        if flat.len() % 2 != 0 {
+            return None;
+        }
+        let mut r = SeqRanges::default();
+        for pair in flat.chunks_exact(2) {
+            if pair[0] > pair[1] {
+                return None;
+            }
+            r.insert(pair[0], pair[1]);
+        }
+        Some(r)
+    }
+
+    /// The flat form `[lo0, hi0, lo1, hi1, ...]`.
+    pub fn to_flat(&self) -> Vec<u64> {
+        self.0.iter().flat_map(|&(a, b)| [a, b]).collect()
+    }
+
+    /// Whether `seq` is stored.
+    pub fn contains(&self, seq: u64) -> bool {
+        let i = self.0.partition_point(|&(_, hi)| hi < seq);
+        self.0.get(i).is_some_and(|&(lo, _)| lo <= seq)
+    }
+
+    /// Adds `lo..=hi`, merging with touching or overlapping ranges.
+    pub fn insert(&mut self, lo: u64, hi: u64) {
+        let (mut lo, mut hi) = (lo.min(hi), lo.max(hi));
+        // Ranges that overlap or touch [lo, hi]: hi_i + 1 >= lo and lo_i <= hi + 1.
+        let start = self.0.partition_point(|&(_, h)| h.saturating_add(1) < lo);
+        let mut end = start;
+        while end < self.0.len() && self.0[end].0 <= hi.saturating_add(1) {
+            lo = lo.min(self.0[end].0);
+            hi = hi.max(self.0[end].1);
+            end += 1;
+        }
+        self.0.splice(start..end, [(lo, hi)]);
+    }
+
+    /// Number of ranges (gaps + 1).
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether nothing is stored.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The ack watermark: the end of the first range, 0 when empty.
+    pub fn watermark(&self) -> u64 {
+        self.0.first().map_or(0, |&(_, hi)| hi)
+    }
+}
+
+/// The corrected receive time of a record (see the module docs), or `None` when the clock
+/// was not synchronised and no anchor of the same boot is known.
+pub fn corrected_time(received: &Received, anchor: Option<&TimeAnchor>) -> Option<i64> {
+    if received.clock_synced {
+        return Some(received.wall_ms);
+    }
+    let a = anchor.filter(|a| a.boot_id == received.boot_id)?;
+    let t = i128::from(a.true_ms) + i128::from(received.mono_ms) - i128::from(a.mono_ms);
+    i64::try_from(t).ok()
+}
+
+/// Whether `new` should replace the stored anchor `old` for the same boot.
+pub fn anchor_is_better(old: &TimeAnchor, new: &TimeAnchor) -> bool {
+    new.uncertainty_ms < old.uncertainty_ms
+}
+
+/// The best anchor per boot among `anchors` (a batch may carry several for one boot).
+pub fn best_anchors(anchors: &[TimeAnchor]) -> Vec<TimeAnchor> {
+    let mut best: Vec<TimeAnchor> = Vec::new();
+    for a in anchors {
+        match best.iter_mut().find(|b| b.boot_id == a.boot_id) {
+            Some(b) if anchor_is_better(b, a) => *b = *a,
+            Some(_) => {}
+            None => best.push(*a),
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_protocol::BootId;
+
+    #[test]
+    fn ranges_merge_and_watermark() {
+        let mut r = SeqRanges::default();
+        assert_eq!(r.watermark(), 0);
+        r.insert(1, 100);
+        assert_eq!(r.watermark(), 100);
+        r.insert(201, 300);
+        assert_eq!((r.len(), r.watermark()), (2, 100));
+        assert!(r.contains(250) && !r.contains(150) && r.contains(1) && !r.contains(0));
+        r.insert(101, 200);
+        assert_eq!((r.len(), r.watermark()), (1, 300));
+        r.insert(50, 60);
+        assert_eq!(r.to_flat(), vec![1, 300]);
+        r.insert(500, 600);
+        r.insert(400, 450);
+        r.insert(302, 399);
+        assert_eq!(r.to_flat(), vec![1, 300, 302, 450, 500, 600]);
+        r.insert(301, 499);
+        assert_eq!(r.to_flat(), vec![1, 600]);
+        assert_eq!(SeqRanges::from_flat(&r.to_flat()), Some(r));
+        assert_eq!(SeqRanges::from_flat(&[3]), None);
+        assert_eq!(SeqRanges::from_flat(&[3, 2]), None);
+        let mut m = SeqRanges::default();
+        m.insert(u64::MAX - 1, u64::MAX);
+        m.insert(0, 0);
+        assert_eq!(m.to_flat(), vec![0, 0, u64::MAX - 1, u64::MAX]);
+    }
+
+    #[test]
+    fn correction() {
+        let boot = BootId([1; 16]);
+        let rec = |synced| Received {
+            boot_id: boot,
+            mono_ms: 10_000,
+            wall_ms: 5,
+            clock_synced: synced,
+        };
+        let a = TimeAnchor {
+            boot_id: boot,
+            mono_ms: 4_000,
+            true_ms: 1_800_000_000_000,
+            uncertainty_ms: 20,
+        };
+        assert_eq!(corrected_time(&rec(true), None), Some(5));
+        assert_eq!(corrected_time(&rec(false), None), None);
+        assert_eq!(
+            corrected_time(&rec(false), Some(&a)),
+            Some(1_800_000_006_000)
+        );
+        let other = TimeAnchor {
+            boot_id: BootId([2; 16]),
+            ..a
+        };
+        assert_eq!(corrected_time(&rec(false), Some(&other)), None);
+        let worse = TimeAnchor {
+            uncertainty_ms: 90,
+            ..a
+        };
+        assert_eq!(best_anchors(&[worse, a, other]), vec![a, other]);
+    }
+}

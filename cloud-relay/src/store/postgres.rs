@@ -1,0 +1,819 @@
+//! The PostgreSQL store: for production, and for several relays sharing one database.
+//!
+//! ## Schema (migrations in [`MIGRATIONS`], version in `schema_version`)
+//!
+//! - `punches`: one row per punch key `(site_id, device_id, device_seq)` (unique), with the
+//!   stream that delivered it first, the record's fields, `stored_at_ms` and
+//!   `corrected_ms`. `id` (identity) is the query cursor.
+//! - `conflicts`: newcomers whose punch key matched different content, with `kept_id`.
+//! - `streams`: per `(gateway_id, journal_epoch)`, the stored gateway_seq ranges, flat
+//!   (`[lo0, hi0, lo1, hi1, …]`). This is the primary-key index: a record whose seq is in a
+//!   range is a duplicate.
+//! - `gateways`: per-gateway counters and last seen; `anchors`: best anchor per boot.
+//!
+//! u64 values (epochs, sequence numbers) are stored as `bigint` with the same 64 bits
+//! (`as i64`), so values at or above 2^63 (derived device_seq) are negative in SQL.
+//!
+//! ## Commit
+//!
+//! One transaction per batch (READ COMMITTED), a fixed number of round trips whatever the
+//! batch size (arrays + `UNNEST`):
+//! 1. upsert the stream row with `ON CONFLICT DO UPDATE ... RETURNING ranges`, which locks
+//!    it: commits of one stream are serialised, across relay processes too;
+//! 2. upsert the batch's anchors (better uncertainty wins) and fill the corrected time of
+//!    waiting rows of those boots;
+//! 3. insert the new punches with `ON CONFLICT (site_id, device_id, device_seq) DO NOTHING
+//!    RETURNING`; the punches that were not inserted are read back and compared (duplicate
+//!    or conflict);
+//! 4. insert conflicts; write the new ranges; bump the gateway counters; commit.
+//!
+//! A failure anywhere rolls the whole batch back: nothing is acked, the gateway resends.
+//! Deadlocks and serialisation failures (two gateways inserting the same punches in
+//! different orders at the same moment) are retried a few times. A lost connection (database restart) returns
+//! [`StoreError::Unavailable`]; the pool reconnects on the next commit.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use deadpool_postgres::{ManagerConfig, Pool, PoolConfig, RecyclingMethod, Runtime, Timeouts};
+use outpost_protocol::{
+    Batch, BootId, Id, Punch, PunchKind, Received, Record, Source, TimeAnchor, VerifyMethod,
+};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+
+use super::{
+    best_anchors, corrected_time, BoxFuture, CommitOutcome, ConflictRow, GatewayInfo, PunchPage,
+    PunchQuery, PunchRow, SeqRanges, Store, StoreError, MAX_RANGES,
+};
+
+/// Schema migrations, applied in order; index + 1 is the version.
+pub const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE punches (
+    id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    site_id        text     NOT NULL,
+    device_id      text     NOT NULL,
+    device_seq     bigint   NOT NULL,
+    subject_id     text     NOT NULL,
+    kind           smallint NOT NULL,
+    verify         smallint NOT NULL,
+    device_time_ms bigint   NOT NULL,
+    utc_offset_min smallint,
+    gateway_id     text     NOT NULL,
+    journal_epoch  bigint   NOT NULL,
+    gateway_seq    bigint   NOT NULL,
+    boot_id        bytea    NOT NULL,
+    mono_ms        bigint   NOT NULL,
+    wall_ms        bigint   NOT NULL,
+    clock_synced   boolean  NOT NULL,
+    source         smallint NOT NULL,
+    stored_at_ms   bigint   NOT NULL,
+    corrected_ms   bigint,
+    UNIQUE (site_id, device_id, device_seq)
+);
+CREATE INDEX punches_waiting ON punches (gateway_id, boot_id) WHERE corrected_ms IS NULL;
+CREATE INDEX punches_site_id ON punches (site_id, id);
+CREATE INDEX punches_subject_id ON punches (subject_id, id);
+CREATE TABLE conflicts (
+    id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    kept_id        bigint   NOT NULL,
+    site_id        text     NOT NULL,
+    device_id      text     NOT NULL,
+    device_seq     bigint   NOT NULL,
+    subject_id     text     NOT NULL,
+    kind           smallint NOT NULL,
+    verify         smallint NOT NULL,
+    device_time_ms bigint   NOT NULL,
+    utc_offset_min smallint,
+    gateway_id     text     NOT NULL,
+    journal_epoch  bigint   NOT NULL,
+    gateway_seq    bigint   NOT NULL,
+    boot_id        bytea    NOT NULL,
+    mono_ms        bigint   NOT NULL,
+    wall_ms        bigint   NOT NULL,
+    clock_synced   boolean  NOT NULL,
+    source         smallint NOT NULL,
+    stored_at_ms   bigint   NOT NULL
+);
+CREATE TABLE streams (
+    gateway_id    text     NOT NULL,
+    journal_epoch bigint   NOT NULL,
+    ranges        bigint[] NOT NULL,
+    PRIMARY KEY (gateway_id, journal_epoch)
+);
+CREATE TABLE gateways (
+    gateway_id    text   PRIMARY KEY,
+    site_id       text   NOT NULL,
+    last_seen_ms  bigint NOT NULL,
+    journal_epoch bigint NOT NULL,
+    records       bigint NOT NULL,
+    duplicates    bigint NOT NULL,
+    conflicts     bigint NOT NULL
+);
+CREATE TABLE anchors (
+    gateway_id     text   NOT NULL,
+    boot_id        bytea  NOT NULL,
+    mono_ms        bigint NOT NULL,
+    true_ms        bigint NOT NULL,
+    uncertainty_ms bigint NOT NULL,
+    PRIMARY KEY (gateway_id, boot_id)
+);
+"#];
+
+/// Advisory lock key that serialises migrations of relays starting together.
+const MIGRATION_LOCK: i64 = 0x6f75_7470_6f73_7431;
+
+/// Columns of a punch row, in the order [`row_to_record`] reads them (after `id`).
+const RECORD_COLS: &str = "site_id, device_id, device_seq, subject_id, kind, verify, \
+    device_time_ms, utc_offset_min, gateway_id, journal_epoch, gateway_seq, boot_id, mono_ms, \
+    wall_ms, clock_synced, source, stored_at_ms";
+
+/// How often a commit is retried after a deadlock or serialisation failure.
+const RETRIES: usize = 5;
+
+fn pg_err(e: tokio_postgres::Error) -> StoreError {
+    match e.as_db_error() {
+        Some(db) => StoreError::Unavailable(format!(
+            "PostgreSQL error {}: {}",
+            db.code().code(),
+            db.message()
+        )),
+        None => StoreError::Unavailable(format!("PostgreSQL connection: {e}")),
+    }
+}
+
+fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
+    StoreError::Unavailable(format!(
+        "cannot get a PostgreSQL connection (check store.url and that the server is up): {e}"
+    ))
+}
+
+fn retryable(e: &tokio_postgres::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
+    )
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt(format!("PostgreSQL row has an invalid {what}"))
+}
+
+fn source_code(s: Source) -> i16 {
+    match s {
+        Source::Http => 0,
+        Source::Mqtt => 1,
+        Source::Adms => 2,
+    }
+}
+
+fn source_from(c: i16) -> Option<Source> {
+    match c {
+        0 => Some(Source::Http),
+        1 => Some(Source::Mqtt),
+        2 => Some(Source::Adms),
+        _ => None,
+    }
+}
+
+fn id(s: &str, what: &str) -> Result<Id, StoreError> {
+    Id::new(s).map_err(|_| corrupt(what))
+}
+
+/// Reads [`RECORD_COLS`] starting at column `at`: (site, gateway, epoch, record, stored_at).
+fn row_to_record(r: &Row, at: usize) -> Result<(Id, Id, u64, Record, i64), StoreError> {
+    let g = |i: usize| at + i;
+    let boot: Vec<u8> = r.try_get(g(11)).map_err(pg_err)?;
+    let punch = Punch {
+        device_id: id(r.try_get(g(1)).map_err(pg_err)?, "device_id")?,
+        device_seq: r.try_get::<_, i64>(g(2)).map_err(pg_err)? as u64,
+        subject_id: id(r.try_get(g(3)).map_err(pg_err)?, "subject_id")?,
+        kind: u8::try_from(r.try_get::<_, i16>(g(4)).map_err(pg_err)?)
+            .ok()
+            .and_then(PunchKind::from_code)
+            .ok_or_else(|| corrupt("kind"))?,
+        verify: u8::try_from(r.try_get::<_, i16>(g(5)).map_err(pg_err)?)
+            .ok()
+            .and_then(VerifyMethod::from_code)
+            .ok_or_else(|| corrupt("verify"))?,
+        device_time_ms: r.try_get(g(6)).map_err(pg_err)?,
+        utc_offset_min: r.try_get(g(7)).map_err(pg_err)?,
+    };
+    let record = Record {
+        punch,
+        gateway_seq: r.try_get::<_, i64>(g(10)).map_err(pg_err)? as u64,
+        received: Received {
+            boot_id: BootId(boot.try_into().map_err(|_| corrupt("boot_id"))?),
+            mono_ms: r.try_get::<_, i64>(g(12)).map_err(pg_err)? as u64,
+            wall_ms: r.try_get(g(13)).map_err(pg_err)?,
+            clock_synced: r.try_get(g(14)).map_err(pg_err)?,
+        },
+        source: source_from(r.try_get(g(15)).map_err(pg_err)?).ok_or_else(|| corrupt("source"))?,
+    };
+    Ok((
+        id(r.try_get(g(0)).map_err(pg_err)?, "site_id")?,
+        id(r.try_get(g(8)).map_err(pg_err)?, "gateway_id")?,
+        r.try_get::<_, i64>(g(9)).map_err(pg_err)? as u64,
+        record,
+        r.try_get(g(16)).map_err(pg_err)?,
+    ))
+}
+
+/// Column arrays for a bulk insert of records via `UNNEST`.
+#[derive(Default)]
+struct Columns<'a> {
+    device_id: Vec<&'a str>,
+    device_seq: Vec<i64>,
+    subject_id: Vec<&'a str>,
+    kind: Vec<i16>,
+    verify: Vec<i16>,
+    device_time_ms: Vec<i64>,
+    utc_offset_min: Vec<Option<i16>>,
+    gateway_seq: Vec<i64>,
+    boot_id: Vec<&'a [u8]>,
+    mono_ms: Vec<i64>,
+    wall_ms: Vec<i64>,
+    clock_synced: Vec<bool>,
+    source: Vec<i16>,
+    extra: Vec<Option<i64>>,
+}
+
+impl<'a> Columns<'a> {
+    fn push(&mut self, r: &'a Record, extra: Option<i64>) {
+        let p = &r.punch;
+        self.device_id.push(p.device_id.as_str());
+        self.device_seq.push(p.device_seq as i64);
+        self.subject_id.push(p.subject_id.as_str());
+        self.kind.push(i16::from(p.kind.code()));
+        self.verify.push(i16::from(p.verify.code()));
+        self.device_time_ms.push(p.device_time_ms);
+        self.utc_offset_min.push(p.utc_offset_min);
+        self.gateway_seq.push(r.gateway_seq as i64);
+        self.boot_id.push(&r.received.boot_id.0[..]);
+        self.mono_ms.push(r.received.mono_ms as i64);
+        self.wall_ms.push(r.received.wall_ms);
+        self.clock_synced.push(r.received.clock_synced);
+        self.source.push(source_code(r.source));
+        self.extra.push(extra);
+    }
+}
+
+/// The PostgreSQL store. Cheap to clone.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+}
+
+impl PgStore {
+    /// Connects to `url` with a pool of `max_connections`, and applies pending migrations
+    /// in one transaction (serialised across relays by an advisory lock).
+    pub async fn connect(url: &str, max_connections: usize) -> Result<Self, StoreError> {
+        let mut cfg = deadpool_postgres::Config::new();
+        cfg.url = Some(url.to_string());
+        cfg.connect_timeout = Some(Duration::from_secs(5));
+        cfg.manager = Some(ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        });
+        let mut pc = PoolConfig::new(max_connections.max(1));
+        pc.timeouts = Timeouts {
+            wait: Some(Duration::from_secs(10)),
+            create: Some(Duration::from_secs(5)),
+            recycle: Some(Duration::from_secs(5)),
+        };
+        cfg.pool = Some(pc);
+        let pool = cfg
+            .create_pool(Some(Runtime::Tokio1), NoTls)
+            .map_err(|e| StoreError::Unavailable(format!("store.url is not usable: {e}")))?;
+        let store = PgStore { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut client = self.pool.get().await.map_err(pool_err)?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(pg_err)?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
+            .await
+            .map_err(pg_err)?;
+        let current: i32 = tx
+            .query_one("SELECT coalesce(max(version), 0) FROM schema_version", &[])
+            .await
+            .map_err(pg_err)?
+            .try_get(0)
+            .map_err(pg_err)?;
+        let known = MIGRATIONS.len() as i32;
+        if current > known {
+            return Err(StoreError::Corrupt(format!(
+                "the database schema is version {current}, this relay knows up to {known}: upgrade the relay"
+            )));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+            tx.batch_execute(sql).await.map_err(pg_err)?;
+            tx.execute(
+                "INSERT INTO schema_version (version) VALUES ($1)",
+                &[&(i as i32 + 1)],
+            )
+            .await
+            .map_err(pg_err)?;
+            tracing::info!(version = i + 1, "applied PostgreSQL schema migration");
+        }
+        tx.commit().await.map_err(pg_err)
+    }
+
+    async fn commit_once(&self, batch: &Batch, now_ms: i64) -> Result<CommitOutcome, Attempt> {
+        let mut client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| Attempt::Fatal(pool_err(e)))?;
+        let tx = client.transaction().await?;
+        let gw = batch.gateway_id.as_str();
+        let site = batch.site_id.as_str();
+        let epoch = batch.journal_epoch as i64;
+        let mut out = CommitOutcome::default();
+
+        // 1. Lock the stream.
+        let st = tx
+            .prepare_cached(
+                "INSERT INTO streams (gateway_id, journal_epoch, ranges) VALUES ($1, $2, '{}') \
+                 ON CONFLICT (gateway_id, journal_epoch) DO UPDATE SET ranges = streams.ranges \
+                 RETURNING ranges",
+            )
+            .await?;
+        let flat: Vec<i64> = tx.query_one(&st, &[&gw, &epoch]).await?.try_get(0)?;
+        let flat: Vec<u64> = flat.into_iter().map(|v| v as u64).collect();
+        let mut ranges = SeqRanges::from_flat(&flat)
+            .ok_or_else(|| Attempt::Fatal(StoreError::Corrupt("stream ranges".into())))?;
+
+        // 2. Anchors.
+        let mut anchors: HashMap<BootId, TimeAnchor> = HashMap::new();
+        let new_anchors = best_anchors(&batch.anchors);
+        if !new_anchors.is_empty() {
+            let boots: Vec<&[u8]> = new_anchors.iter().map(|a| &a.boot_id.0[..]).collect();
+            let mono: Vec<i64> = new_anchors.iter().map(|a| a.mono_ms as i64).collect();
+            let truth: Vec<i64> = new_anchors.iter().map(|a| a.true_ms).collect();
+            let unc: Vec<i64> = new_anchors
+                .iter()
+                .map(|a| i64::from(a.uncertainty_ms))
+                .collect();
+            let st = tx
+                .prepare_cached(
+                    "INSERT INTO anchors (gateway_id, boot_id, mono_ms, true_ms, uncertainty_ms) \
+                     SELECT $1, * FROM UNNEST($2::bytea[], $3::bigint[], $4::bigint[], $5::bigint[]) \
+                     ON CONFLICT (gateway_id, boot_id) DO UPDATE SET mono_ms = EXCLUDED.mono_ms, \
+                     true_ms = EXCLUDED.true_ms, uncertainty_ms = EXCLUDED.uncertainty_ms \
+                     WHERE EXCLUDED.uncertainty_ms < anchors.uncertainty_ms",
+                )
+                .await?;
+            tx.execute(&st, &[&gw, &boots, &mono, &truth, &unc]).await?;
+            let st = tx
+                .prepare_cached(
+                    "UPDATE punches p SET corrected_ms = a.true_ms + (p.mono_ms - a.mono_ms) \
+                     FROM anchors a WHERE a.gateway_id = $1 AND a.boot_id = ANY($2) \
+                     AND p.gateway_id = a.gateway_id AND p.boot_id = a.boot_id \
+                     AND p.corrected_ms IS NULL",
+                )
+                .await?;
+            out.corrected_later = tx.execute(&st, &[&gw, &boots]).await? as u32;
+        }
+        let mut unsynced: Vec<&[u8]> = batch
+            .records
+            .iter()
+            .filter(|r| !r.received.clock_synced)
+            .map(|r| &r.received.boot_id.0[..])
+            .collect();
+        unsynced.sort_unstable();
+        unsynced.dedup();
+        if !unsynced.is_empty() {
+            let st = tx
+                .prepare_cached(
+                    "SELECT boot_id, mono_ms, true_ms, uncertainty_ms FROM anchors \
+                     WHERE gateway_id = $1 AND boot_id = ANY($2)",
+                )
+                .await?;
+            for row in tx.query(&st, &[&gw, &unsynced]).await? {
+                let boot: Vec<u8> = row.try_get(0)?;
+                let boot_id = BootId(
+                    boot.try_into()
+                        .map_err(|_| Attempt::Fatal(corrupt("anchor boot_id")))?,
+                );
+                anchors.insert(
+                    boot_id,
+                    TimeAnchor {
+                        boot_id,
+                        mono_ms: row.try_get::<_, i64>(1)? as u64,
+                        true_ms: row.try_get(2)?,
+                        uncertainty_ms: u32::try_from(row.try_get::<_, i64>(3)?)
+                            .unwrap_or(u32::MAX),
+                    },
+                );
+            }
+        }
+
+        // 3. New punches: the first record of each punch key not yet in the stream, in
+        // gateway_seq order so that cursors follow arrival order.
+        let candidates: Vec<&Record> = batch
+            .records
+            .iter()
+            .filter(|r| !ranges.contains(r.gateway_seq))
+            .collect();
+        out.duplicates += (batch.records.len() - candidates.len()) as u32;
+        let mut first: HashMap<(&str, u64), &Record> = HashMap::new();
+        for r in &candidates {
+            first
+                .entry((r.punch.device_id.as_str(), r.punch.device_seq))
+                .or_insert(r);
+        }
+        let mut unique: Vec<&Record> = first.values().copied().collect();
+        unique.sort_unstable_by_key(|r| r.gateway_seq);
+        let mut cols = Columns::default();
+        for r in &unique {
+            let corrected = corrected_time(&r.received, anchors.get(&r.received.boot_id));
+            cols.push(r, corrected);
+        }
+        // key -> (id, kept punch, inserted by this batch's record with this gateway_seq)
+        let mut kept: HashMap<(&str, u64), (i64, Punch, Option<u64>)> = HashMap::new();
+        if !unique.is_empty() {
+            let st = tx
+                .prepare_cached(
+                    "INSERT INTO punches (site_id, gateway_id, journal_epoch, stored_at_ms, \
+                     device_id, device_seq, subject_id, kind, verify, device_time_ms, utc_offset_min, \
+                     gateway_seq, boot_id, mono_ms, wall_ms, clock_synced, source, corrected_ms) \
+                     SELECT $1, $2, $3, $4, * FROM UNNEST($5::text[], $6::bigint[], $7::text[], \
+                     $8::smallint[], $9::smallint[], $10::bigint[], $11::smallint[], $12::bigint[], \
+                     $13::bytea[], $14::bigint[], $15::bigint[], $16::boolean[], $17::smallint[], \
+                     $18::bigint[]) \
+                     ON CONFLICT (site_id, device_id, device_seq) DO NOTHING \
+                     RETURNING id, device_seq, gateway_seq",
+                )
+                .await?;
+            let rows = tx
+                .query(
+                    &st,
+                    &[
+                        &site,
+                        &gw,
+                        &epoch,
+                        &now_ms,
+                        &cols.device_id,
+                        &cols.device_seq,
+                        &cols.subject_id,
+                        &cols.kind,
+                        &cols.verify,
+                        &cols.device_time_ms,
+                        &cols.utc_offset_min,
+                        &cols.gateway_seq,
+                        &cols.boot_id,
+                        &cols.mono_ms,
+                        &cols.wall_ms,
+                        &cols.clock_synced,
+                        &cols.source,
+                        &cols.extra,
+                    ],
+                )
+                .await?;
+            let by_seq: HashMap<u64, &Record> =
+                unique.iter().map(|r| (r.gateway_seq, *r)).collect();
+            for row in rows {
+                let gseq = row.try_get::<_, i64>(2)? as u64;
+                if let Some(r) = by_seq.get(&gseq) {
+                    kept.insert(
+                        (r.punch.device_id.as_str(), r.punch.device_seq),
+                        (row.try_get(0)?, r.punch, Some(gseq)),
+                    );
+                }
+            }
+            let missing: Vec<&Record> = unique
+                .iter()
+                .filter(|r| !kept.contains_key(&(r.punch.device_id.as_str(), r.punch.device_seq)))
+                .copied()
+                .collect();
+            if !missing.is_empty() {
+                let devs: Vec<&str> = missing.iter().map(|r| r.punch.device_id.as_str()).collect();
+                let seqs: Vec<i64> = missing.iter().map(|r| r.punch.device_seq as i64).collect();
+                let st = tx
+                    .prepare_cached(&format!(
+                        "SELECT id, {RECORD_COLS} FROM punches WHERE site_id = $1 AND \
+                         (device_id, device_seq) IN (SELECT * FROM UNNEST($2::text[], $3::bigint[]))"
+                    ))
+                    .await?;
+                for row in tx.query(&st, &[&site, &devs, &seqs]).await? {
+                    let (_, _, _, rec, _) = row_to_record(&row, 1).map_err(Attempt::Fatal)?;
+                    if let Some(r) = missing.iter().find(|r| {
+                        r.punch.device_id == rec.punch.device_id
+                            && r.punch.device_seq == rec.punch.device_seq
+                    }) {
+                        kept.insert(
+                            (r.punch.device_id.as_str(), r.punch.device_seq),
+                            (row.try_get(0)?, rec.punch, None),
+                        );
+                    }
+                }
+            }
+        }
+        let mut conflicts = Columns::default();
+        for r in &candidates {
+            let key = (r.punch.device_id.as_str(), r.punch.device_seq);
+            let Some(&(kid, kp, inserted_by)) = kept.get(&key) else {
+                return Err(Attempt::Fatal(StoreError::Corrupt(format!(
+                    "punch {}/{} neither inserted nor found",
+                    key.0, key.1
+                ))));
+            };
+            if inserted_by == Some(r.gateway_seq) {
+                out.stored += 1;
+            } else if kp == r.punch {
+                out.duplicates += 1;
+            } else {
+                conflicts.push(r, Some(kid));
+                out.conflicts += 1;
+            }
+        }
+
+        // 4. Conflicts, ranges, counters.
+        if !conflicts.device_id.is_empty() {
+            let st = tx
+                .prepare_cached(
+                    "INSERT INTO conflicts (site_id, gateway_id, journal_epoch, stored_at_ms, \
+                     device_id, device_seq, subject_id, kind, verify, device_time_ms, utc_offset_min, \
+                     gateway_seq, boot_id, mono_ms, wall_ms, clock_synced, source, kept_id) \
+                     SELECT $1, $2, $3, $4, * FROM UNNEST($5::text[], $6::bigint[], $7::text[], \
+                     $8::smallint[], $9::smallint[], $10::bigint[], $11::smallint[], $12::bigint[], \
+                     $13::bytea[], $14::bigint[], $15::bigint[], $16::boolean[], $17::smallint[], \
+                     $18::bigint[])",
+                )
+                .await?;
+            let c = &conflicts;
+            tx.execute(
+                &st,
+                &[
+                    &site,
+                    &gw,
+                    &epoch,
+                    &now_ms,
+                    &c.device_id,
+                    &c.device_seq,
+                    &c.subject_id,
+                    &c.kind,
+                    &c.verify,
+                    &c.device_time_ms,
+                    &c.utc_offset_min,
+                    &c.gateway_seq,
+                    &c.boot_id,
+                    &c.mono_ms,
+                    &c.wall_ms,
+                    &c.clock_synced,
+                    &c.source,
+                    &c.extra,
+                ],
+            )
+            .await?;
+        }
+        if let (Some(f), Some(l)) = (batch.records.first(), batch.records.last()) {
+            ranges.insert(f.gateway_seq, l.gateway_seq);
+            if ranges.len() > MAX_RANGES {
+                return Err(Attempt::Fatal(StoreError::TooManyGaps {
+                    gateway_id: gw.to_string(),
+                    journal_epoch: batch.journal_epoch,
+                }));
+            }
+        }
+        out.acked_through = ranges.watermark();
+        let flat: Vec<i64> = ranges.to_flat().into_iter().map(|v| v as i64).collect();
+        let st_ranges = tx
+            .prepare_cached(
+                "UPDATE streams SET ranges = $3 WHERE gateway_id = $1 AND journal_epoch = $2",
+            )
+            .await?;
+        let st_gw = tx
+            .prepare_cached(
+                "INSERT INTO gateways (gateway_id, site_id, last_seen_ms, journal_epoch, records, \
+                 duplicates, conflicts) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                 ON CONFLICT (gateway_id) DO UPDATE SET site_id = EXCLUDED.site_id, \
+                 last_seen_ms = EXCLUDED.last_seen_ms, journal_epoch = EXCLUDED.journal_epoch, \
+                 records = gateways.records + EXCLUDED.records, \
+                 duplicates = gateways.duplicates + EXCLUDED.duplicates, \
+                 conflicts = gateways.conflicts + EXCLUDED.conflicts",
+            )
+            .await?;
+        let (stored, dups, confl) = (
+            i64::from(out.stored),
+            i64::from(out.duplicates),
+            i64::from(out.conflicts),
+        );
+        // Both statements are pipelined on the one connection.
+        futures_util::future::try_join(
+            tx.execute(&st_ranges, &[&gw, &epoch, &flat]),
+            tx.execute(
+                &st_gw,
+                &[&gw, &site, &now_ms, &epoch, &stored, &dups, &confl],
+            ),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn query_punches(&self, q: &PunchQuery) -> Result<PunchPage, StoreError> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        type Param = Box<dyn ToSql + Sync + Send>;
+        let mut sql = format!("SELECT id, {RECORD_COLS}, corrected_ms FROM punches WHERE id > $1");
+        let after = q.after.map_or(0, |a| a.min(i64::MAX as u64) as i64);
+        let mut params: Vec<Param> = vec![Box::new(after)];
+        let mut cond = |sql: &mut String, c: &str, v: Param| {
+            params.push(v);
+            sql.push_str(&format!(" AND {c} ${}", params.len()));
+        };
+        if let Some(v) = &q.site {
+            cond(&mut sql, "site_id =", Box::new(v.clone()));
+        }
+        if let Some(v) = &q.device {
+            cond(&mut sql, "device_id =", Box::new(v.clone()));
+        }
+        if let Some(v) = &q.subject {
+            cond(&mut sql, "subject_id =", Box::new(v.clone()));
+        }
+        if let Some(v) = q.from_ms {
+            cond(&mut sql, "device_time_ms >=", Box::new(v));
+        }
+        if let Some(v) = q.to_ms {
+            cond(&mut sql, "device_time_ms <", Box::new(v));
+        }
+        params.push(Box::new((q.limit as i64).saturating_add(1)));
+        sql.push_str(&format!(" ORDER BY id LIMIT ${}", params.len()));
+        let params: Vec<&(dyn ToSql + Sync)> = params
+            .iter()
+            .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        let rows = client.query(&sql, &params).await.map_err(pg_err)?;
+        let mut page = PunchPage::default();
+        for row in rows {
+            if page.items.len() == q.limit {
+                page.next_cursor = page.items.last().map(|r| r.cursor);
+                break;
+            }
+            let (site_id, gateway_id, journal_epoch, record, stored_at_ms) =
+                row_to_record(&row, 1)?;
+            page.items.push(PunchRow {
+                cursor: row.try_get::<_, i64>(0).map_err(pg_err)? as u64,
+                site_id,
+                gateway_id,
+                journal_epoch,
+                record,
+                stored_at_ms,
+                corrected_ms: row.try_get(18).map_err(pg_err)?,
+            });
+        }
+        Ok(page)
+    }
+
+    async fn query_gateways(&self) -> Result<Vec<GatewayInfo>, StoreError> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let rows = client
+            .query(
+                "SELECT g.gateway_id, g.site_id, g.last_seen_ms, g.journal_epoch, g.records, \
+                 g.duplicates, g.conflicts, s.ranges FROM gateways g LEFT JOIN streams s \
+                 ON s.gateway_id = g.gateway_id AND s.journal_epoch = g.journal_epoch \
+                 ORDER BY g.gateway_id",
+                &[],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter()
+            .map(|r| {
+                let flat: Option<Vec<i64>> = r.try_get(7).map_err(pg_err)?;
+                let flat: Vec<u64> = flat
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|v| v as u64)
+                    .collect();
+                let ranges = SeqRanges::from_flat(&flat).ok_or_else(|| corrupt("ranges"))?;
+                Ok(GatewayInfo {
+                    gateway_id: r.try_get(0).map_err(pg_err)?,
+                    site_id: r.try_get(1).map_err(pg_err)?,
+                    last_seen_ms: r.try_get(2).map_err(pg_err)?,
+                    journal_epoch: r.try_get::<_, i64>(3).map_err(pg_err)? as u64,
+                    acked_through: ranges.watermark(),
+                    records: r.try_get::<_, i64>(4).map_err(pg_err)? as u64,
+                    duplicates: r.try_get::<_, i64>(5).map_err(pg_err)? as u64,
+                    conflicts: r.try_get::<_, i64>(6).map_err(pg_err)? as u64,
+                })
+            })
+            .collect()
+    }
+
+    async fn query_conflicts(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<ConflictRow>, StoreError> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let after = after.map_or(0, |a| a.min(i64::MAX as u64) as i64);
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT id, {RECORD_COLS}, kept_id FROM conflicts WHERE id > $1 ORDER BY id LIMIT $2"
+                ),
+                &[&after, &(limit as i64)],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter()
+            .map(|row| {
+                let (site_id, gateway_id, journal_epoch, record, stored_at_ms) =
+                    row_to_record(row, 1)?;
+                Ok(ConflictRow {
+                    id: row.try_get::<_, i64>(0).map_err(pg_err)? as u64,
+                    site_id,
+                    gateway_id,
+                    journal_epoch,
+                    record,
+                    stored_at_ms,
+                    kept_cursor: row.try_get::<_, i64>(18).map_err(pg_err)? as u64,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Why one commit attempt failed: retry (deadlock) or give up.
+enum Attempt {
+    Retry(tokio_postgres::Error),
+    Fatal(StoreError),
+}
+
+impl From<tokio_postgres::Error> for Attempt {
+    fn from(e: tokio_postgres::Error) -> Self {
+        if retryable(&e) {
+            Attempt::Retry(e)
+        } else {
+            Attempt::Fatal(pg_err(e))
+        }
+    }
+}
+
+impl Store for PgStore {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn commit(
+        &self,
+        batch: Batch,
+        now_ms: i64,
+    ) -> BoxFuture<'_, Result<CommitOutcome, StoreError>> {
+        Box::pin(async move {
+            let mut last = None;
+            for attempt in 0..RETRIES {
+                match self.commit_once(&batch, now_ms).await {
+                    Ok(out) => return Ok(out),
+                    Err(Attempt::Fatal(e)) => return Err(e),
+                    Err(Attempt::Retry(e)) => {
+                        tracing::debug!(attempt, error = %e, "commit retried after a deadlock");
+                        last = Some(e);
+                        tokio::time::sleep(Duration::from_millis(5 << attempt)).await;
+                    }
+                }
+            }
+            Err(last.map_or_else(
+                || StoreError::Unavailable("commit retries exhausted".into()),
+                pg_err,
+            ))
+        })
+    }
+
+    fn punches(&self, query: PunchQuery) -> BoxFuture<'_, Result<PunchPage, StoreError>> {
+        Box::pin(async move { self.query_punches(&query).await })
+    }
+
+    fn gateways(&self) -> BoxFuture<'_, Result<Vec<GatewayInfo>, StoreError>> {
+        Box::pin(self.query_gateways())
+    }
+
+    fn conflicts(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<ConflictRow>, StoreError>> {
+        Box::pin(self.query_conflicts(after, limit))
+    }
+
+    fn ready(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let client = self.pool.get().await.map_err(pool_err)?;
+            client.simple_query("SELECT 1").await.map_err(pg_err)?;
+            Ok(())
+        })
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.pool.close();
+            Ok(())
+        })
+    }
+}
