@@ -1,0 +1,8 @@
+//! Shared helpers for Outpost's end-to-end tests and benchmarks.
+pub mod gateway;
+pub mod mosquitto;
+pub mod postgres;
+pub mod proc;
+pub mod proxy;
+pub mod relay;
+pub mod workload;

@@ -1,0 +1,427 @@
+//! The relay store conformance suite: one generic function over `dyn Store`, run against
+//! the sled store and against PostgreSQL (a private server started by the test).
+
+use outpost_relay::store::postgres::PgStore;
+use outpost_relay::store::sled::SledStore;
+use outpost_relay::store::{PunchQuery, Store};
+use outpost_tests::postgres::PgServer;
+use outpost_tests::relay::{anchor, batch, punch, punches, record, records, unsynced_record, T0};
+
+const NOW: i64 = 1_795_400_000_000;
+
+async fn all_punches(store: &dyn Store, q: PunchQuery) -> Vec<outpost_relay::store::PunchRow> {
+    let mut out = Vec::new();
+    let mut q = q;
+    loop {
+        let page = store.punches(q.clone()).await.unwrap();
+        assert!(page.items.len() <= q.limit);
+        out.extend(page.items);
+        match page.next_cursor {
+            Some(c) => q.after = Some(c),
+            None => return out,
+        }
+    }
+}
+
+fn q(limit: usize) -> PunchQuery {
+    PunchQuery {
+        limit,
+        ..PunchQuery::default()
+    }
+}
+
+/// Every rule of DESIGN.md's dedup/conflict/time sections, in one pass.
+async fn conformance(store: &dyn Store) {
+    store.ready().await.unwrap();
+
+    // A first batch, then its resend: a counted no-op.
+    let first = punches(1..=10);
+    let out = store
+        .commit(batch("gw-a", "HC001", 1, records(&first, 1)), NOW)
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.stored, out.duplicates, out.conflicts, out.acked_through),
+        (10, 0, 0, 10)
+    );
+    let out = store
+        .commit(batch("gw-a", "HC001", 1, records(&first, 1)), NOW)
+        .await
+        .unwrap();
+    assert_eq!((out.stored, out.duplicates, out.acked_through), (0, 10, 10));
+
+    // Out of order: 21..30 before 11..20; the watermark waits for the gap.
+    let later = punches(21..=30);
+    let out = store
+        .commit(batch("gw-a", "HC001", 1, records(&later, 21)), NOW)
+        .await
+        .unwrap();
+    assert_eq!((out.stored, out.acked_through), (10, 10));
+    let mid = punches(11..=20);
+    let out = store
+        .commit(batch("gw-a", "HC001", 1, records(&mid, 11)), NOW)
+        .await
+        .unwrap();
+    assert_eq!((out.stored, out.acked_through), (10, 30));
+
+    // A partially overlapping resend (15..=25): all duplicates.
+    let overlap = punches(15..=25);
+    let out = store
+        .commit(batch("gw-a", "HC001", 1, records(&overlap, 15)), NOW)
+        .await
+        .unwrap();
+    assert_eq!((out.stored, out.duplicates, out.acked_through), (0, 11, 30));
+
+    // A reinstalled box (new epoch, seqs restart at 1) resending the same punches.
+    let out = store
+        .commit(batch("gw-a", "HC001", 2, records(&first, 1)), NOW)
+        .await
+        .unwrap();
+    assert_eq!((out.stored, out.duplicates, out.acked_through), (0, 10, 10));
+
+    // Another gateway of the same site delivering some of the same punches plus new ones.
+    let mut mixed = punches(26..=30);
+    mixed.extend(punches(31..=35));
+    let out = store
+        .commit(batch("gw-b", "HC001", 9, records(&mixed, 100)), NOW)
+        .await
+        .unwrap();
+    assert_eq!((out.stored, out.duplicates, out.acked_through), (5, 5, 109));
+
+    // Same punch key, different content: the first stays, the newcomer is a conflict.
+    let mut changed = punch("dev-1", 1, "EMP-9999", 1);
+    changed.kind = first[0].kind;
+    let out = store
+        .commit(batch("gw-b", "HC001", 9, vec![record(changed, 110)]), NOW)
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.stored, out.duplicates, out.conflicts, out.acked_through),
+        (0, 0, 1, 110)
+    );
+    // Its resend is a duplicate of the stream, not a second conflict.
+    let out = store
+        .commit(batch("gw-b", "HC001", 9, vec![record(changed, 110)]), NOW)
+        .await
+        .unwrap();
+    assert_eq!((out.duplicates, out.conflicts), (1, 0));
+    let conflicts = store.conflicts(None, 100).await.unwrap();
+    assert_eq!(conflicts.len(), 1);
+    assert_eq!(conflicts[0].record.punch, changed);
+    assert_eq!(conflicts[0].gateway_id.as_str(), "gw-b");
+    let kept = all_punches(store, q(100))
+        .await
+        .into_iter()
+        .find(|r| r.cursor == conflicts[0].kept_cursor)
+        .expect("kept punch is listed");
+    assert_eq!(kept.record.punch, first[0]);
+    assert!(store
+        .conflicts(Some(conflicts[0].id), 100)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Inside one batch: the same punch twice (duplicate), and a changed copy (conflict).
+    let p = punch("dev-x", 500, "EMP-0500", 5);
+    let mut p2 = p;
+    p2.subject_id = outpost_tests::relay::id("EMP-0501");
+    let out = store
+        .commit(
+            batch(
+                "gw-c",
+                "HC001",
+                1,
+                vec![record(p, 1), record(p, 2), record(p2, 3)],
+            ),
+            NOW,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.stored, out.duplicates, out.conflicts, out.acked_through),
+        (1, 1, 1, 3)
+    );
+
+    // The same device and counter at another site is another punch.
+    let out = store
+        .commit(batch("gw-z", "HC002", 1, records(&first[..3], 1)), NOW)
+        .await
+        .unwrap();
+    assert_eq!((out.stored, out.duplicates), (3, 0));
+
+    // Derived device_seq values (top bit set) round-trip.
+    let derived = punch("dev-h", (1 << 63) | 12345, "EMP-0001", 7);
+    let out = store
+        .commit(batch("gw-z", "HC002", 1, vec![record(derived, 4)]), NOW)
+        .await
+        .unwrap();
+    assert_eq!(out.stored, 1);
+
+    // Time: unsynced records wait for an anchor of their boot.
+    let boot = [42u8; 16];
+    let t1 = punch("dev-t", 1, "EMP-0001", 60);
+    let t2 = punch("dev-t", 2, "EMP-0001", 61);
+    let out = store
+        .commit(
+            batch(
+                "gw-t",
+                "HC003",
+                5,
+                vec![
+                    unsynced_record(t1, 1, boot, 10_000),
+                    unsynced_record(t2, 2, boot, 70_000),
+                ],
+            ),
+            NOW,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.stored, 2);
+    let site_t = |limit| PunchQuery {
+        site: Some("HC003".into()),
+        ..q(limit)
+    };
+    let rows = all_punches(store, site_t(10)).await;
+    assert!(rows.iter().all(|r| r.corrected_ms.is_none()), "{rows:?}");
+    // The anchor arrives with the next batch, which also has a record of the same boot.
+    let truth = T0 + 3_600_000;
+    let t3 = punch("dev-t", 3, "EMP-0001", 62);
+    let mut b = batch(
+        "gw-t",
+        "HC003",
+        5,
+        vec![unsynced_record(t3, 3, boot, 100_000)],
+    );
+    b.anchors = vec![
+        anchor(boot, 50_000, truth, 300),
+        anchor(boot, 50_000, truth + 7, 900),
+    ];
+    let out = store.commit(b, NOW).await.unwrap();
+    assert_eq!(
+        (out.stored, out.corrected_later, out.acked_through),
+        (1, 2, 3)
+    );
+    let rows = all_punches(store, site_t(10)).await;
+    let corrected: Vec<Option<i64>> = rows.iter().map(|r| r.corrected_ms).collect();
+    assert_eq!(
+        corrected,
+        vec![
+            Some(truth - 40_000),
+            Some(truth + 20_000),
+            Some(truth + 50_000)
+        ]
+    );
+    // Synced records are corrected to their wall clock.
+    let rows = all_punches(
+        store,
+        PunchQuery {
+            device: Some("dev-1".into()),
+            site: Some("HC001".into()),
+            ..q(3)
+        },
+    )
+    .await;
+    assert!(!rows.is_empty());
+    assert!(rows
+        .iter()
+        .all(|r| r.corrected_ms == Some(r.record.received.wall_ms)));
+
+    // Queries: filters and pagination without gaps or overlaps.
+    let all = all_punches(store, q(7)).await;
+    assert_eq!(all.len(), 35 + 1 + 3 + 1 + 3, "every stored punch once");
+    let mut cursors: Vec<u64> = all.iter().map(|r| r.cursor).collect();
+    let sorted = cursors.clone();
+    cursors.dedup();
+    assert_eq!(cursors, sorted, "cursors strictly increase");
+    assert!(cursors.windows(2).all(|w| w[0] < w[1]));
+    let one_page = store.punches(q(1000)).await.unwrap();
+    assert_eq!(one_page.items, all);
+    assert_eq!(one_page.next_cursor, None);
+    let hc1 = all_punches(
+        store,
+        PunchQuery {
+            site: Some("HC001".into()),
+            ..q(4)
+        },
+    )
+    .await;
+    assert_eq!(hc1.len(), 36);
+    let emp3 = all_punches(
+        store,
+        PunchQuery {
+            site: Some("HC001".into()),
+            subject: Some("EMP-0003".into()),
+            ..q(100)
+        },
+    )
+    .await;
+    let expect: Vec<u64> = (1..=35).filter(|n| n % 20 == 3).collect();
+    assert_eq!(
+        emp3.iter()
+            .map(|r| r.record.punch.device_seq)
+            .collect::<Vec<_>>(),
+        expect
+    );
+    let window = all_punches(
+        store,
+        PunchQuery {
+            site: Some("HC001".into()),
+            device: Some("dev-2".into()),
+            from_ms: Some(T0 + 10 * 60_000),
+            to_ms: Some(T0 + 30 * 60_000),
+            ..q(2)
+        },
+    )
+    .await;
+    assert_eq!(
+        window
+            .iter()
+            .map(|r| r.record.punch.device_seq)
+            .collect::<Vec<_>>(),
+        vec![10, 22, 26, 14, 18]
+    );
+    let row = &hc1[0];
+    assert_eq!(row.gateway_id.as_str(), "gw-a");
+    assert_eq!(row.journal_epoch, 1);
+    assert_eq!(row.stored_at_ms, NOW);
+    assert_eq!(row.record, record(first[0], 1));
+    let json = serde_json::Value::Object(row.to_json());
+    assert_eq!(json["device_id"], "dev-1");
+    assert_eq!(json["site"], "HC001");
+    assert_eq!(json["gateway_seq"], 1);
+    assert_eq!(json["time"], "2026-11-22T08:01:00+02:00");
+    assert!(json["corrected_time"].is_string());
+    assert_eq!(json["device_skew_ms"], -250);
+    assert_eq!(json["device_clock_suspect"], false);
+    let derived_row = all_punches(
+        store,
+        PunchQuery {
+            device: Some("dev-h".into()),
+            ..q(5)
+        },
+    )
+    .await;
+    assert_eq!(derived_row[0].record.punch, derived);
+
+    // Gateway list.
+    let gws = store.gateways().await.unwrap();
+    let ids: Vec<&str> = gws.iter().map(|g| g.gateway_id.as_str()).collect();
+    assert_eq!(ids, vec!["gw-a", "gw-b", "gw-c", "gw-t", "gw-z"]);
+    let a = &gws[0];
+    assert_eq!(
+        (
+            a.site_id.as_str(),
+            a.journal_epoch,
+            a.acked_through,
+            a.records,
+            a.duplicates,
+            a.conflicts
+        ),
+        ("HC001", 2, 10, 30, 31, 0)
+    );
+    let b = &gws[1];
+    assert_eq!(
+        (b.records, b.duplicates, b.conflicts, b.acked_through),
+        (5, 6, 1, 110)
+    );
+    assert_eq!(b.last_seen_ms, NOW);
+
+    // An empty batch (anchors only) of a new stream acks 0.
+    let mut empty = batch("gw-e", "HC001", 1, vec![]);
+    empty.anchors = vec![anchor([1; 16], 1, T0, 1)];
+    assert_eq!(store.commit(empty, NOW).await.unwrap().acked_through, 0);
+}
+
+/// Concurrent commits of the same punches from many gateways: stored exactly once.
+async fn concurrent_exactly_once(store: std::sync::Arc<dyn Store>) {
+    let shared = punches(1000..=1199);
+    let mut tasks = Vec::new();
+    for g in 0..6u64 {
+        let store = store.clone();
+        let mut mine = shared.clone();
+        if g % 2 == 1 {
+            mine.reverse();
+        }
+        tasks.push(tokio::spawn(async move {
+            let mut total = (0u32, 0u32);
+            for (i, chunk) in mine.chunks(50).enumerate() {
+                let b = batch(
+                    &format!("cc-{g}"),
+                    "CC",
+                    1,
+                    records(chunk, 1 + 50 * i as u64),
+                );
+                let out = store.commit(b, NOW).await.unwrap();
+                total.0 += out.stored;
+                total.1 += out.duplicates;
+            }
+            total
+        }));
+    }
+    let mut stored = 0;
+    for t in tasks {
+        let (s, d) = t.await.unwrap();
+        assert_eq!(s + d, 200);
+        stored += s;
+    }
+    assert_eq!(stored, 200, "each punch stored by exactly one gateway");
+    let rows = all_punches(
+        store.as_ref(),
+        PunchQuery {
+            site: Some("CC".into()),
+            ..q(64)
+        },
+    )
+    .await;
+    assert_eq!(rows.len(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sled_store_conformance() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(&dir.path().join("store"), 16 << 20).unwrap();
+    conformance(&store).await;
+    concurrent_exactly_once(std::sync::Arc::new(store.clone())).await;
+    store.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sled_store_keeps_everything_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    {
+        let store = SledStore::open(&path, 16 << 20).unwrap();
+        let out = store
+            .commit(batch("gw-a", "HC001", 1, records(&punches(1..=50), 1)), NOW)
+            .await
+            .unwrap();
+        assert_eq!(out.acked_through, 50);
+        store.close().await.unwrap();
+    }
+    let store = SledStore::open(&path, 16 << 20).unwrap();
+    let out = store
+        .commit(batch("gw-a", "HC001", 1, records(&punches(1..=60), 1)), NOW)
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.stored, out.duplicates, out.acked_through),
+        (10, 50, 60)
+    );
+    assert_eq!(all_punches(&store, q(17)).await.len(), 60);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_store_conformance() {
+    let pg = tokio::task::spawn_blocking(|| PgServer::start_with(false))
+        .await
+        .unwrap()
+        .expect("start a private PostgreSQL");
+    let store = PgStore::connect(&pg.url(), 8).await.unwrap();
+    conformance(&store).await;
+    concurrent_exactly_once(std::sync::Arc::new(store.clone())).await;
+    // Migrations are idempotent: a second relay connecting to the same database.
+    let again = PgStore::connect(&pg.url(), 2).await.unwrap();
+    assert_eq!(again.gateways().await.unwrap().len(), 5 + 6 + 1);
+    store.close().await.unwrap();
+    tokio::task::spawn_blocking(move || drop(pg)).await.unwrap();
+}
