@@ -2,12 +2,12 @@
 //!
 //! | route | auth | what |
 //! |---|---|---|
-//! | `POST /v1/batches` | gateway token | a frame in, an Ack frame out ([`crate::intake`]) |
-//! | `GET /v1/uplink` | gateway token | the uplink WebSocket ([`crate::intake`]) |
-//! | `GET /v1/punches` | admin token | `{"items": [...], "next_cursor": ...}`, filters `site`, `device`, `subject`, `from`, `to` (RFC 3339 or Unix ms, on the punch time), `cursor`, `limit` |
-//! | `GET /v1/punches.csv` | admin token | the same filters, every matching punch as CSV (streamed page by page) |
-//! | `GET /v1/gateways` | admin token | `{"gateways": [...]}` |
-//! | `GET /v1/conflicts` | admin token | `{"items": [...], "next_cursor": ...}` |
+//! | `POST /v1/batches` | gateway token or client certificate | a frame in, an Ack frame out ([`crate::intake`]) |
+//! | `GET /v1/uplink` | gateway token or client certificate | the uplink WebSocket ([`crate::intake`]) |
+//! | `GET /v1/punches` | admin or read token | `{"items": [...], "next_cursor": ...}`, filters `site`, `device`, `subject`, `from`, `to` (RFC 3339 or Unix ms, on the punch time), `cursor`, `limit` |
+//! | `GET /v1/punches.csv` | admin or read token | the same filters, every matching punch as CSV (streamed page by page) |
+//! | `GET /v1/gateways` | admin or read token | `{"gateways": [...]}` |
+//! | `GET /v1/conflicts` | admin or read token | `{"items": [...], "next_cursor": ...}` |
 //! | `GET /health/live` | none | 200 while the process runs |
 //! | `GET /health/ready` | none | 200 when the store answers and the relay is not shutting down |
 //! | `GET /metrics` | none | Prometheus text ([`crate::metrics`]) |
@@ -28,6 +28,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::readers::ReaderCreds;
 use crate::auth::{bearer, AdminToken, GatewayCreds};
 use crate::config::LimitsSection;
 use crate::intake::{self, error_response};
@@ -40,6 +41,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// Live gateway credentials.
     pub creds: GatewayCreds,
+    /// Live read tokens (query API only).
+    pub readers: ReaderCreds,
     /// The admin token.
     pub admin: AdminToken,
     /// Metrics.
@@ -59,6 +62,7 @@ impl AppState {
     pub fn new(
         store: Arc<dyn Store>,
         creds: GatewayCreds,
+        readers: ReaderCreds,
         admin: AdminToken,
         limits: LimitsSection,
         cancel: CancellationToken,
@@ -66,6 +70,7 @@ impl AppState {
         Arc::new(AppState {
             store,
             creds,
+            readers,
             admin,
             metrics: Arc::new(Metrics::new()),
             batch_slots: Arc::new(Semaphore::new(limits.max_concurrent_batches)),
@@ -107,15 +112,18 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+/// The query API's gate: the admin token or any read token (`auth::readers`).
+fn require_reader(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
     match bearer(headers.get(header::AUTHORIZATION)) {
-        Some(t) if state.admin.check(t) => Ok(()),
+        Some(t) if state.admin.check(t) || state.readers.current().authenticate(t).is_some() => {
+            Ok(())
+        }
         _ => {
-            state.metrics.auth_failure("admin");
+            state.metrics.auth_failure("query");
             Err(error_response(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
-                "this API needs `Authorization: Bearer <admin token>` (the file named by auth.admin_token_file)",
+                "this API needs `Authorization: Bearer <token>` with the admin token (auth.admin_token_file) or a read token (`outpost-relay reader add NAME`)",
             ))
         }
     }
@@ -188,7 +196,7 @@ async fn punches(
     headers: HeaderMap,
     Query(p): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(r) = require_admin(&state, &headers) {
+    if let Err(r) = require_reader(&state, &headers) {
         return r;
     }
     let q = match punch_query(&state, &p) {
@@ -256,7 +264,7 @@ async fn punches_csv(
     headers: HeaderMap,
     Query(p): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(r) = require_admin(&state, &headers) {
+    if let Err(r) = require_reader(&state, &headers) {
         return r;
     }
     let mut q = match punch_query(&state, &p) {
@@ -312,7 +320,7 @@ async fn punches_csv(
 }
 
 async fn gateways(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(r) = require_admin(&state, &headers) {
+    if let Err(r) = require_reader(&state, &headers) {
         return r;
     }
     match state.store.gateways().await {
@@ -327,7 +335,7 @@ async fn conflicts(
     headers: HeaderMap,
     Query(p): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(r) = require_admin(&state, &headers) {
+    if let Err(r) = require_reader(&state, &headers) {
         return r;
     }
     let after = match cursor_param(&p) {

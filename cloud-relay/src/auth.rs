@@ -1,10 +1,14 @@
-//! Gateway credentials and the admin token.
+//! Who may talk to the relay: gateways (by token or by client certificate), the admin
+//! token, and named read tokens for the query API ([`readers`]).
 //!
 //! ## Gateways file
 //!
-//! Plain text, one gateway per line: `<gateway_id> TAB <site_id> TAB <sha256(token) hex>
-//! TAB <added, Unix ms>`. Lines starting with `#` are comments. Only hashes are stored: a
-//! token is printed once by `outpost-relay gateway add ID --site SITE` and never again.
+//! Plain text, one gateway per line: `<gateway_id> TAB <site_id> TAB <sha256(token) hex, or
+//! -> TAB <added, Unix ms> TAB <sha256(client certificate DER) hex, or ->`. Lines starting
+//! with `#` are comments; a line with only the first four fields (the format before mTLS) is
+//! a token-only gateway. Only hashes are stored: a token is printed once by
+//! `outpost-relay gateway add ID --site SITE` and never again; `gateway add ID --site SITE
+//! --cert gw.pem` registers a certificate instead (mTLS, see below) and issues no token.
 //! The CLI edits the file atomically (write a temporary file, fsync, rename, fsync the
 //! directory), so the running relay never reads half a file; the relay polls the file's
 //! metadata every `auth.reload_interval_ms` and swaps in the new set ([`watch`]). Revoking
@@ -16,10 +20,24 @@
 //! digest leaks nothing useful through timing: an attacker cannot steer the digest of a
 //! guess towards a stored one.
 //!
+//! ## Client certificates (mTLS)
+//!
+//! With `tls.client_ca_file` set, the TLS listener asks every client for a certificate and
+//! accepts one only if it chains to that CA (clients without one still connect, and use a
+//! token). A request without a Bearer token is then authenticated by the SHA-256 of the
+//! client's end-entity certificate, which must be registered for exactly one gateway. Both
+//! checks are needed: the CA proves the certificate was issued by the operator, the
+//! registration says which gateway and site it speaks for, and revoking the gateway
+//! revokes the certificate without a CRL. A request that carries a token is judged by the
+//! token alone.
+//!
 //! ## Admin token
 //!
 //! One token in a file (mode 0600), created at the first `run` if missing. It guards the
-//! query API (`/v1/punches`, `/v1/gateways`, `/v1/conflicts`) and `/metrics` is open.
+//! query API (`/v1/punches`, `/v1/gateways`, `/v1/conflicts`), as do the read tokens of
+//! [`readers`]; `/metrics` is open.
+
+pub mod readers;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -57,9 +75,18 @@ pub enum AuthError {
     /// `gateway add` for an id that exists.
     #[error("gateway {0} already exists; run `outpost-relay gateway revoke {0}` first to issue a new token")]
     Exists(String),
+    /// `add` would make two entries share a token or a certificate.
+    #[error("{0}; revoke the other entry first, or issue a new certificate")]
+    Duplicate(String),
     /// `gateway revoke` for an unknown id.
     #[error("no gateway {0} in the gateways file")]
     Unknown(String),
+    /// `reader add` for a name that exists.
+    #[error("reader {0} already exists; run `outpost-relay reader revoke {0}` first to issue a new token")]
+    ExistsReader(String),
+    /// `reader revoke` for an unknown name.
+    #[error("no reader {0} in the readers file")]
+    UnknownReader(String),
     /// An invalid gateway or site id.
     #[error(
         "invalid {what} {value:?}: {reason} (1-64 bytes, no spaces, / + # or control characters)"
@@ -88,8 +115,10 @@ pub struct GatewayCred {
     pub gateway_id: Id,
     /// Its site: batches must carry exactly this site_id.
     pub site_id: Id,
-    /// SHA-256 of its token.
-    pub token_hash: [u8; 32],
+    /// SHA-256 of its token; `None` for a certificate-only gateway.
+    pub token_hash: Option<[u8; 32]>,
+    /// SHA-256 of its client certificate (DER); `None` for a token-only gateway.
+    pub cert_sha256: Option<[u8; 32]>,
     /// When it was added, Unix ms.
     pub added_ms: i64,
 }
@@ -97,13 +126,42 @@ pub struct GatewayCred {
 /// The parsed gateways file.
 #[derive(Debug, Clone, Default)]
 pub struct Gateways {
-    by_hash: HashMap<[u8; 32], GatewayCred>,
-    order: Vec<[u8; 32]>,
+    /// In file order.
+    creds: Vec<GatewayCred>,
+    by_token: HashMap<[u8; 32], usize>,
+    by_cert: HashMap<[u8; 32], usize>,
 }
+
+/// Hex digits in a stored SHA-256 digest.
+const DIGEST_HEX: usize = 64;
 
 /// SHA-256 of a token.
 pub fn token_hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
+}
+
+/// SHA-256 of a certificate's DER bytes: how a client certificate is named.
+pub fn cert_fingerprint(der: &[u8]) -> [u8; 32] {
+    Sha256::digest(der).into()
+}
+
+/// The fingerprint of the first certificate in a PEM file (for `gateway add --cert`).
+pub fn cert_file_fingerprint(path: &Path) -> Result<[u8; 32], AuthError> {
+    let pem = std::fs::read(path).map_err(io_err(path))?;
+    let first = rustls_pemfile::certs(&mut pem.as_slice()).next();
+    match first {
+        Some(Ok(der)) => Ok(cert_fingerprint(der.as_ref())),
+        Some(Err(e)) => Err(AuthError::Malformed {
+            path: path.to_path_buf(),
+            line: 1,
+            message: format!("not a PEM certificate: {e}"),
+        }),
+        None => Err(AuthError::Malformed {
+            path: path.to_path_buf(),
+            line: 1,
+            message: "holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into(),
+        }),
+    }
 }
 
 fn check_id(what: &'static str, value: &str) -> Result<Id, AuthError> {
@@ -116,6 +174,22 @@ fn check_id(what: &'static str, value: &str) -> Result<Id, AuthError> {
         return Err(bad("contains whitespace".into()));
     }
     Id::new_topic_safe(value).map_err(|e| bad(e.to_string()))
+}
+
+/// Parses an optional digest field: 64 hex digits, or `-` for none.
+fn digest_field(v: &str) -> Result<Option<[u8; 32]>, String> {
+    if v == "-" {
+        return Ok(None);
+    }
+    hex::decode(v)
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .map(Some)
+        .ok_or_else(|| format!("a hash must be {DIGEST_HEX} hex digits (or - for none)"))
+}
+
+fn digest_text(d: &Option<[u8; 32]>) -> String {
+    d.map_or_else(|| "-".to_string(), hex::encode)
 }
 
 impl Gateways {
@@ -133,33 +207,63 @@ impl Gateways {
                 message,
             };
             let f: Vec<&str> = line.split('\t').collect();
-            if f.len() != 4 {
-                return Err(bad("expected 4 tab-separated fields".into()));
+            if f.len() != 4 && f.len() != 5 {
+                return Err(bad("expected 4 or 5 tab-separated fields".into()));
             }
             let gateway_id = check_id("gateway id", f[0]).map_err(|e| bad(e.to_string()))?;
             let site_id = check_id("site id", f[1]).map_err(|e| bad(e.to_string()))?;
-            let token_hash: [u8; 32] = hex::decode(f[2])
-                .ok()
-                .and_then(|v| v.try_into().ok())
-                .ok_or_else(|| bad("the hash must be 64 hex digits".into()))?;
+            let token_hash = digest_field(f[2]).map_err(bad)?;
             let added_ms = f[3]
                 .parse()
                 .map_err(|_| bad("the time must be Unix ms".into()))?;
-            if g.find_id(gateway_id.as_str()).is_some() {
-                return Err(bad(format!("gateway {gateway_id} is listed twice")));
-            }
-            g.order.push(token_hash);
-            g.by_hash.insert(
+            let cert_sha256 = match f.get(4) {
+                Some(v) => digest_field(v).map_err(bad)?,
+                None => None,
+            };
+            let cred = GatewayCred {
+                gateway_id,
+                site_id,
                 token_hash,
-                GatewayCred {
-                    gateway_id,
-                    site_id,
-                    token_hash,
-                    added_ms,
-                },
-            );
+                cert_sha256,
+                added_ms,
+            };
+            g.insert(cred).map_err(bad)?;
         }
         Ok(g)
+    }
+
+    /// Adds a gateway, keeping ids, tokens and certificates unique.
+    fn insert(&mut self, c: GatewayCred) -> Result<(), String> {
+        if self.find_id(c.gateway_id.as_str()).is_some() {
+            return Err(format!("gateway {} is listed twice", c.gateway_id));
+        }
+        if c.token_hash.is_none() && c.cert_sha256.is_none() {
+            return Err(format!(
+                "gateway {} has neither a token hash nor a certificate",
+                c.gateway_id
+            ));
+        }
+        if c.token_hash.is_some_and(|h| self.by_token.contains_key(&h)) {
+            return Err(format!(
+                "gateway {} shares its token with another gateway",
+                c.gateway_id
+            ));
+        }
+        if c.cert_sha256.is_some_and(|h| self.by_cert.contains_key(&h)) {
+            return Err(format!(
+                "gateway {} shares its certificate with another gateway",
+                c.gateway_id
+            ));
+        }
+        let i = self.creds.len();
+        if let Some(h) = c.token_hash {
+            self.by_token.insert(h, i);
+        }
+        if let Some(h) = c.cert_sha256 {
+            self.by_cert.insert(h, i);
+        }
+        self.creds.push(c);
+        Ok(())
     }
 
     /// Reads the file; a missing file is an empty set.
@@ -173,52 +277,59 @@ impl Gateways {
 
     fn render(&self) -> String {
         let mut s = String::from(
-            "# Outpost relay gateway credentials: gateway_id TAB site_id TAB sha256(token) TAB added_ms\n\
-             # Managed by `outpost-relay gateway add|revoke`; only token hashes are stored.\n",
+            "# Outpost relay gateway credentials:\n\
+             # gateway_id TAB site_id TAB sha256(token) or - TAB added_ms TAB sha256(client cert DER) or -\n\
+             # Managed by `outpost-relay gateway add|revoke`; only hashes are stored.\n",
         );
-        for h in &self.order {
-            if let Some(c) = self.by_hash.get(h) {
-                s.push_str(&format!(
-                    "{}\t{}\t{}\t{}\n",
-                    c.gateway_id,
-                    c.site_id,
-                    hex::encode(c.token_hash),
-                    c.added_ms
-                ));
-            }
+        for c in &self.creds {
+            s.push_str(&format!(
+                "{}\t{}\t{}\t{}\t{}\n",
+                c.gateway_id,
+                c.site_id,
+                digest_text(&c.token_hash),
+                c.added_ms,
+                digest_text(&c.cert_sha256),
+            ));
         }
         s
     }
 
     fn find_id(&self, gateway_id: &str) -> Option<&GatewayCred> {
-        self.by_hash
-            .values()
+        self.creds
+            .iter()
             .find(|c| c.gateway_id.as_str() == gateway_id)
     }
 
     /// The gateway whose token is `token`, if any.
     pub fn authenticate(&self, token: &str) -> Option<&GatewayCred> {
         let h = token_hash(token);
-        let c = self.by_hash.get(&h)?;
-        bool::from(c.token_hash.ct_eq(&h)).then_some(c)
+        let c = &self.creds[*self.by_token.get(&h)?];
+        let stored = c.token_hash?;
+        bool::from(stored.ct_eq(&h)).then_some(c)
+    }
+
+    /// The gateway registered for the client certificate whose fingerprint is `cert_sha256`.
+    /// The TLS layer has already checked that the certificate chains to
+    /// `tls.client_ca_file` and that the client holds its key.
+    pub fn authenticate_cert(&self, cert_sha256: &[u8; 32]) -> Option<&GatewayCred> {
+        let c = &self.creds[*self.by_cert.get(cert_sha256)?];
+        let stored = c.cert_sha256?;
+        bool::from(stored.ct_eq(cert_sha256)).then_some(c)
     }
 
     /// Every gateway, in file order.
     pub fn list(&self) -> Vec<&GatewayCred> {
-        self.order
-            .iter()
-            .filter_map(|h| self.by_hash.get(h))
-            .collect()
+        self.creds.iter().collect()
     }
 
     /// Number of gateways.
     pub fn len(&self) -> usize {
-        self.by_hash.len()
+        self.creds.len()
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.by_hash.is_empty()
+        self.creds.is_empty()
     }
 }
 
@@ -268,66 +379,98 @@ pub fn write_atomic(path: &Path, text: &str, mode: u32) -> Result<(), AuthError>
 
 /// `gateway add`: issues a token for a new gateway and returns it.
 pub fn add_gateway(path: &Path, gateway_id: &str, site_id: &str) -> Result<String, AuthError> {
+    let token = new_token("opg_");
+    add(path, gateway_id, site_id, Some(token_hash(&token)), None)?;
+    Ok(token)
+}
+
+/// `gateway add --cert`: registers a gateway that authenticates with the client certificate
+/// whose fingerprint is `cert_sha256` (no token is issued).
+pub fn add_gateway_cert(
+    path: &Path,
+    gateway_id: &str,
+    site_id: &str,
+    cert_sha256: [u8; 32],
+) -> Result<(), AuthError> {
+    add(path, gateway_id, site_id, None, Some(cert_sha256))
+}
+
+fn add(
+    path: &Path,
+    gateway_id: &str,
+    site_id: &str,
+    token_hash: Option<[u8; 32]>,
+    cert_sha256: Option<[u8; 32]>,
+) -> Result<(), AuthError> {
     let gateway = check_id("gateway id", gateway_id)?;
     let site = check_id("site id", site_id)?;
     let mut g = Gateways::load(path)?;
     if g.find_id(gateway.as_str()).is_some() {
         return Err(AuthError::Exists(gateway_id.to_string()));
     }
-    let token = new_token("opg_");
-    let h = token_hash(&token);
-    g.order.push(h);
-    g.by_hash.insert(
-        h,
-        GatewayCred {
-            gateway_id: gateway,
-            site_id: site,
-            token_hash: h,
-            added_ms: now_ms(),
-        },
-    );
-    write_atomic(path, &g.render(), 0o600)?;
-    Ok(token)
+    g.insert(GatewayCred {
+        gateway_id: gateway,
+        site_id: site,
+        token_hash,
+        cert_sha256,
+        added_ms: now_ms(),
+    })
+    .map_err(AuthError::Duplicate)?;
+    write_atomic(path, &g.render(), 0o600)
 }
 
 /// `gateway revoke`: removes a gateway's credentials.
 pub fn revoke_gateway(path: &Path, gateway_id: &str) -> Result<(), AuthError> {
-    let mut g = Gateways::load(path)?;
-    let h = g
-        .find_id(gateway_id)
-        .map(|c| c.token_hash)
-        .ok_or_else(|| AuthError::Unknown(gateway_id.to_string()))?;
-    g.by_hash.remove(&h);
-    g.order.retain(|x| *x != h);
-    write_atomic(path, &g.render(), 0o600)
+    let g = Gateways::load(path)?;
+    if g.find_id(gateway_id).is_none() {
+        return Err(AuthError::Unknown(gateway_id.to_string()));
+    }
+    let mut kept = Gateways::default();
+    for c in g.creds.into_iter() {
+        if c.gateway_id.as_str() != gateway_id {
+            // Cannot fail: the entries were unique in `g`.
+            let _ = kept.insert(c);
+        }
+    }
+    write_atomic(path, &kept.render(), 0o600)
 }
 
-/// The live set of gateway credentials, shared by request handlers.
-#[derive(Clone, Default)]
-pub struct GatewayCreds(Arc<RwLock<Arc<Gateways>>>);
+/// A credentials set that the running relay swaps when its file changes ([`watch`]);
+/// request handlers take a cheap snapshot with [`Live::current`].
+#[derive(Default)]
+pub struct Live<T>(Arc<RwLock<Arc<T>>>);
 
-impl GatewayCreds {
-    /// A set holding `g`.
-    pub fn new(g: Gateways) -> Self {
-        GatewayCreds(Arc::new(RwLock::new(Arc::new(g))))
+impl<T> Clone for Live<T> {
+    fn clone(&self) -> Self {
+        Live(self.0.clone())
+    }
+}
+
+impl<T> Live<T> {
+    /// A set holding `v`.
+    pub fn new(v: T) -> Self {
+        Live(Arc::new(RwLock::new(Arc::new(v))))
     }
 
     /// The current set.
-    pub fn current(&self) -> Arc<Gateways> {
+    pub fn current(&self) -> Arc<T> {
         match self.0.read() {
             Ok(g) => g.clone(),
             Err(p) => p.into_inner().clone(),
         }
     }
 
-    fn replace(&self, g: Gateways) {
+    fn replace(&self, v: T) {
         let mut w = match self.0.write() {
             Ok(w) => w,
             Err(p) => p.into_inner(),
         };
-        *w = Arc::new(g);
+        *w = Arc::new(v);
     }
 }
+
+/// The live set of gateway credentials, shared by request handlers.
+pub type GatewayCreds = Live<Gateways>;
 
 fn file_stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
     use std::os::unix::fs::MetadataExt;
@@ -335,9 +478,17 @@ fn file_stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
     Some((m.modified().ok()?, m.len(), m.ino()))
 }
 
-/// Re-reads the gateways file whenever its metadata changes, until `cancel`. A file that
-/// fails to parse is logged and ignored (the previous set stays in force).
-pub async fn watch(path: PathBuf, creds: GatewayCreds, every: Duration, cancel: CancellationToken) {
+/// Re-reads a credentials file with `load` whenever its metadata changes, until `cancel`.
+/// A file that fails to parse is logged and ignored (the previous set stays in force).
+/// `what` names the file's config key in the log.
+pub async fn watch<T: Send + Sync + 'static>(
+    path: PathBuf,
+    live: Live<T>,
+    load: fn(&Path) -> Result<T, AuthError>,
+    what: &'static str,
+    every: Duration,
+    cancel: CancellationToken,
+) {
     let mut stamp = file_stamp(&path);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -352,15 +503,15 @@ pub async fn watch(path: PathBuf, creds: GatewayCreds, every: Duration, cancel: 
         }
         stamp = now;
         let p = path.clone();
-        match tokio::task::spawn_blocking(move || Gateways::load(&p)).await {
-            Ok(Ok(g)) => {
-                tracing::info!(gateways = g.len(), file = %path.display(), "gateway credentials reloaded");
-                creds.replace(g);
+        match tokio::task::spawn_blocking(move || load(&p)).await {
+            Ok(Ok(v)) => {
+                tracing::info!(file = %path.display(), key = what, "credentials reloaded");
+                live.replace(v);
             }
             Ok(Err(e)) => {
-                tracing::error!(error = %e, "gateway credentials file is invalid; keeping the previous set (fix the file or re-run `outpost-relay gateway add`)")
+                tracing::error!(error = %e, key = what, "credentials file is invalid; keeping the previous set (fix the file, or re-run the `outpost-relay` command that manages it)")
             }
-            Err(e) => tracing::error!(error = %e, "reloading gateway credentials failed"),
+            Err(e) => tracing::error!(error = %e, key = what, "reloading credentials failed"),
         }
     }
 }
@@ -452,6 +603,61 @@ mod tests {
     }
 
     #[test]
+    fn certificate_gateways_and_the_old_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateways");
+        // A file written before mTLS existed: four fields per line.
+        let old_token = "opg_old-token-1234567890";
+        std::fs::write(
+            &path,
+            format!("gw-old\tHC001\t{}\t1\n", hex::encode(token_hash(old_token))),
+        )
+        .unwrap();
+        let fp = cert_fingerprint(b"not really DER, but any bytes hash");
+        add_gateway_cert(&path, "gw-cert", "HC002", fp).unwrap();
+        assert!(matches!(
+            add_gateway_cert(&path, "gw-cert2", "HC002", fp),
+            Err(AuthError::Duplicate(_))
+        ));
+        let t = add_gateway(&path, "gw-tok", "HC003").unwrap();
+        let g = Gateways::load(&path).unwrap();
+        assert_eq!(g.len(), 3);
+        assert_eq!(
+            g.authenticate(old_token).unwrap().gateway_id.as_str(),
+            "gw-old"
+        );
+        assert_eq!(g.authenticate(&t).unwrap().gateway_id.as_str(), "gw-tok");
+        let c = g.authenticate_cert(&fp).unwrap();
+        assert_eq!(
+            (c.gateway_id.as_str(), c.site_id.as_str()),
+            ("gw-cert", "HC002")
+        );
+        assert!(c.token_hash.is_none());
+        assert!(g.authenticate_cert(&[7; 32]).is_none());
+        // A certificate-only gateway has no token that could match "-" or anything else.
+        assert!(g.authenticate("-").is_none());
+        revoke_gateway(&path, "gw-cert").unwrap();
+        let g = Gateways::load(&path).unwrap();
+        assert!(g.authenticate_cert(&fp).is_none());
+        assert!(g.authenticate(old_token).is_some());
+    }
+
+    #[test]
+    fn cert_file_fingerprint_is_the_der_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec!["gw-1".into()]).unwrap();
+        let pem = dir.path().join("gw.pem");
+        std::fs::write(&pem, ck.cert.pem()).unwrap();
+        assert_eq!(
+            cert_file_fingerprint(&pem).unwrap(),
+            cert_fingerprint(ck.cert.der().as_ref())
+        );
+        std::fs::write(&pem, "hello").unwrap();
+        let e = cert_file_fingerprint(&pem).unwrap_err();
+        assert!(e.to_string().contains("no PEM certificate"), "{e}");
+    }
+
+    #[test]
     fn malformed_lines_are_named() {
         let p = Path::new("gw");
         let e = Gateways::parse(p, "# c\n\ngw\tHC\tzz\t1\n").unwrap_err();
@@ -459,6 +665,10 @@ mod tests {
         let h = "ab".repeat(32);
         let e = Gateways::parse(p, &format!("gw\tHC\t{h}\t1\ngw\tHC\t{h}\t1\n")).unwrap_err();
         assert!(e.to_string().contains("twice"), "{e}");
+        let e = Gateways::parse(p, "gw\tHC\t-\t1\t-\n").unwrap_err();
+        assert!(e.to_string().contains("neither"), "{e}");
+        let e = Gateways::parse(p, &format!("a\tHC\t-\t1\t{h}\nb\tHC\t-\t1\t{h}\n")).unwrap_err();
+        assert!(e.to_string().contains("shares its certificate"), "{e}");
     }
 
     #[test]

@@ -103,6 +103,10 @@ pub struct TlsSection {
     pub cert_file: Option<PathBuf>,
     /// PEM private key.
     pub key_file: Option<PathBuf>,
+    /// PEM CA certificate(s) for client certificates (mTLS). When set, gateways may
+    /// authenticate with a certificate issued by this CA and registered with
+    /// `outpost-relay gateway add ID --site SITE --cert FILE` instead of a token.
+    pub client_ca_file: Option<PathBuf>,
 }
 
 /// Which store.
@@ -150,9 +154,11 @@ impl Default for StoreSection {
 pub struct AuthSection {
     /// Gateway credentials (hashes); default `<relay.data_dir>/gateways`.
     pub gateways_file: Option<PathBuf>,
-    /// The admin/read token for the query API; default `<relay.data_dir>/admin.token`,
+    /// The admin token for the query API; default `<relay.data_dir>/admin.token`,
     /// created at first start.
     pub admin_token_file: Option<PathBuf>,
+    /// Named read tokens for the query API (hashes); default `<relay.data_dir>/readers`.
+    pub readers_file: Option<PathBuf>,
     /// How often the running relay checks the gateways file for changes, ms.
     pub reload_interval_ms: u64,
 }
@@ -162,6 +168,7 @@ impl Default for AuthSection {
         AuthSection {
             gateways_file: None,
             admin_token_file: None,
+            readers_file: None,
             reload_interval_ms: 2000,
         }
     }
@@ -297,6 +304,12 @@ impl Config {
                 ));
             }
         }
+        if self.tls.disabled && self.tls.client_ca_file.is_some() {
+            return Err(ConfigError::key(
+                "tls.client_ca_file",
+                "needs TLS: client certificates cannot be used with tls.disabled = true",
+            ));
+        }
         if self.store.kind == StoreKind::Postgres {
             if self.store.url.is_some() && self.store.url_file.is_some() {
                 return Err(ConfigError::key(
@@ -377,6 +390,14 @@ impl Config {
             .admin_token_file
             .clone()
             .unwrap_or_else(|| self.relay.data_dir.join("admin.token"))
+    }
+
+    /// The read tokens file.
+    pub fn readers_file(&self) -> PathBuf {
+        self.auth
+            .readers_file
+            .clone()
+            .unwrap_or_else(|| self.relay.data_dir.join("readers"))
     }
 
     /// The sled store directory.

@@ -1,7 +1,8 @@
 //! Batch intake: `POST /v1/batches` and the `GET /v1/uplink` WebSocket.
 //!
 //! Both carry the same frames (DESIGN.md, "Uplink frames") and go through
-//! [`process_frame`]: authenticate (Bearer token → gateway, before any body is read), take a
+//! [`process_frame`]: authenticate (Bearer token → gateway, or without a token the verified
+//! client certificate → gateway, see `auth`; before any body is read), take a
 //! slot of `limits.max_concurrent_batches` (so memory is bounded by slots × (frame + raw)
 //! whatever the number of clients), decode with `limits.max_raw_bytes` as the ceiling,
 //! check `limits.max_records_per_batch`, check that the batch's gateway_id and site_id are
@@ -9,7 +10,7 @@
 //!
 //! | problem | HTTP | WebSocket close | `code` |
 //! |---|---|---|---|
-//! | no/unknown/revoked token | 401 | (refused before upgrade) | `unauthorized` |
+//! | no/unknown/revoked token or certificate | 401 | (refused before upgrade) | `unauthorized` |
 //! | gateway or site not the credentials' | 403 | 1008 | `gateway_mismatch`, `site_mismatch` |
 //! | frame over `limits.max_frame_bytes` | 413 | 1009 | `frame_too_large` |
 //! | raw size claimed over `limits.max_raw_bytes` | 413 | 1009 | `too_large` |
@@ -34,6 +35,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use futures_util::stream::FuturesOrdered;
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::BodyExt;
@@ -42,6 +44,7 @@ use outpost_protocol::Ack;
 
 use crate::app::{now_ms, AppState};
 use crate::auth::{bearer, GatewayCred};
+use crate::server::ClientCert;
 use crate::store::StoreError;
 
 /// A refused request or frame: status, stable code, message for people.
@@ -97,26 +100,36 @@ impl IntoResponse for IntakeError {
     }
 }
 
-/// The gateway whose Bearer token is in `headers`.
-pub fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<GatewayCred, IntakeError> {
-    let Some(token) = bearer(headers.get(header::AUTHORIZATION)) else {
-        state.metrics.auth_failure("missing");
-        return Err(IntakeError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing `Authorization: Bearer <token>`; issue a token with `outpost-relay gateway add ID --site SITE`",
-        ));
+/// The gateway whose Bearer token is in `headers`, or, when there is no token, the gateway
+/// registered for the connection's verified client certificate.
+pub fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+    cert: Option<ClientCert>,
+) -> Result<GatewayCred, IntakeError> {
+    let refused = |reason: &'static str, message: &str| {
+        state.metrics.auth_failure(reason);
+        IntakeError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
     };
-    match state.creds.current().authenticate(token) {
-        Some(c) => Ok(c.clone()),
-        None => {
-            state.metrics.auth_failure("invalid");
-            Err(IntakeError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "unknown or revoked gateway token",
-            ))
-        }
+    let creds = state.creds.current();
+    match (bearer(headers.get(header::AUTHORIZATION)), cert) {
+        (Some(token), _) => creds
+            .authenticate(token)
+            .cloned()
+            .ok_or_else(|| refused("invalid", "unknown or revoked gateway token")),
+        (None, Some(ClientCert(fp))) => creds.authenticate_cert(&fp).cloned().ok_or_else(|| {
+            refused(
+                "invalid",
+                &format!(
+                    "client certificate sha256 {} is not registered to any gateway; register it with `outpost-relay gateway add ID --site SITE --cert FILE`",
+                    hex::encode(fp)
+                ),
+            )
+        }),
+        (None, None) => Err(refused(
+            "missing",
+            "missing `Authorization: Bearer <token>` (or a client certificate); issue a token with `outpost-relay gateway add ID --site SITE`",
+        )),
     }
 }
 
@@ -286,10 +299,11 @@ fn ack_response(ack: &Ack) -> Response {
 /// `POST /v1/batches`: body = frame, response = Ack frame.
 pub async fn post_batch(
     State(state): State<Arc<AppState>>,
+    cert: Option<Extension<ClientCert>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let cred = match authenticate(&state, &headers) {
+    let cred = match authenticate(&state, &headers, cert.map(|c| c.0)) {
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
@@ -331,10 +345,11 @@ pub async fn post_batch(
 /// `GET /v1/uplink`: authenticates, then upgrades to the uplink WebSocket.
 pub async fn uplink(
     State(state): State<Arc<AppState>>,
+    cert: Option<Extension<ClientCert>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let cred = match authenticate(&state, &headers) {
+    let cred = match authenticate(&state, &headers, cert.map(|c| c.0)) {
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };

@@ -3,8 +3,13 @@
 //! ```text
 //! outpost-relay [run] [--config PATH]          serve until SIGTERM/SIGINT
 //! outpost-relay gateway add ID --site SITE     issue a gateway token (printed as the last line)
+//! outpost-relay gateway add ID --site SITE --cert FILE
+//!                                              register a client certificate instead (mTLS)
 //! outpost-relay gateway revoke ID              revoke it (the running relay notices)
 //! outpost-relay gateway list                   list registered gateways
+//! outpost-relay reader add NAME                issue a read token for the query API
+//! outpost-relay reader revoke NAME             revoke it
+//! outpost-relay reader list                    list read tokens (names, never tokens)
 //! outpost-relay check-config                   validate the configuration and exit
 //! ```
 //!
@@ -17,6 +22,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use outpost_relay::auth;
+use outpost_relay::auth::readers;
 use outpost_relay::config::{Config, LogFormat, StoreKind};
 
 /// Receives batches from Outpost gateways and stores every punch exactly once.
@@ -39,19 +45,45 @@ enum Command {
         #[command(subcommand)]
         command: GatewayCommand,
     },
+    /// Manage read tokens for the query API (payroll, reporting).
+    Reader {
+        #[command(subcommand)]
+        command: ReaderCommand,
+    },
     /// Validate the configuration (keys, TLS files, store URL) and exit.
     CheckConfig,
 }
 
 #[derive(Subcommand)]
+enum ReaderCommand {
+    /// Issue a read token; it is printed once, as the last line.
+    Add {
+        /// Who will hold it (for your records), e.g. `payroll`.
+        name: String,
+    },
+    /// Revoke a read token.
+    Revoke {
+        /// The name given to `reader add`.
+        name: String,
+    },
+    /// List read tokens (names and dates, never tokens).
+    List,
+}
+
+#[derive(Subcommand)]
 enum GatewayCommand {
-    /// Issue a token for a new gateway; the token is printed once, as the last line.
+    /// Register a gateway: issue its token (printed once, as the last line), or with
+    /// `--cert` register its client certificate.
     Add {
         /// The gateway id (its `gateway.id`).
         id: String,
         /// The site it serves (its `gateway.site`).
         #[arg(long)]
         site: String,
+        /// Register this PEM client certificate (issued by the CA in `tls.client_ca_file`)
+        /// instead of issuing a token.
+        #[arg(long, value_name = "FILE")]
+        cert: Option<PathBuf>,
     },
     /// Revoke a gateway's token.
     Revoke {
@@ -80,8 +112,9 @@ fn check_config(cfg: &Config) -> anyhow::Result<()> {
     if let (false, Some(cert), Some(key)) =
         (cfg.tls.disabled, &cfg.tls.cert_file, &cfg.tls.key_file)
     {
-        outpost_relay::server::tls_acceptor(cert, key)?;
+        outpost_relay::server::tls_acceptor(cert, key, cfg.tls.client_ca_file.as_deref())?;
     }
+    readers::Readers::load(&cfg.readers_file()).context("auth.readers_file")?;
     if cfg.store.kind == StoreKind::Postgres {
         cfg.store_url()?;
     }
@@ -126,19 +159,61 @@ fn main() -> ExitCode {
         Command::Gateway { command } => {
             let file = cfg.gateways_file();
             match command {
-                GatewayCommand::Add { id, site } => {
-                    auth::add_gateway(&file, &id, &site).map(|token| {
-                        println!("gateway {id} (site {site}) added to {}.", file.display());
-                        println!("Put this token in the gateway's uplink.token_file; it is shown only once:");
-                        println!("{token}");
-                    })
-                }
+                GatewayCommand::Add {
+                    id,
+                    site,
+                    cert: Some(cert),
+                } => auth::cert_file_fingerprint(&cert)
+                    .and_then(|fp| auth::add_gateway_cert(&file, &id, &site, fp).map(|()| fp))
+                    .map(|fp| {
+                        println!(
+                            "gateway {id} (site {site}) added to {} with client certificate sha256 {}.",
+                            file.display(),
+                            hex::encode(fp)
+                        );
+                        println!("No token was issued: the gateway authenticates with this certificate (uplink.client_cert_file).");
+                        if cfg.tls.client_ca_file.is_none() {
+                            println!("Note: tls.client_ca_file is not set, so the relay does not ask for client certificates yet.");
+                        }
+                    }),
+                GatewayCommand::Add {
+                    id,
+                    site,
+                    cert: None,
+                } => auth::add_gateway(&file, &id, &site).map(|token| {
+                    println!("gateway {id} (site {site}) added to {}.", file.display());
+                    println!("Put this token in the gateway's uplink.token_file; it is shown only once:");
+                    println!("{token}");
+                }),
                 GatewayCommand::Revoke { id } => auth::revoke_gateway(&file, &id).map(|()| {
                     println!("gateway {id} revoked; a running relay refuses it within auth.reload_interval_ms");
                 }),
                 GatewayCommand::List => auth::Gateways::load(&file).map(|g| {
                     for c in g.list() {
-                        println!("{}\t{}\t{}", c.gateway_id, c.site_id, c.added_ms);
+                        let how = match (c.token_hash.is_some(), c.cert_sha256) {
+                            (_, Some(fp)) => format!("cert:{}", hex::encode(fp)),
+                            _ => "token".to_string(),
+                        };
+                        println!("{}\t{}\t{}\t{how}", c.gateway_id, c.site_id, c.added_ms);
+                    }
+                }),
+            }
+            .map_err(anyhow::Error::from)
+        }
+        Command::Reader { command } => {
+            let file = cfg.readers_file();
+            match command {
+                ReaderCommand::Add { name } => readers::add_reader(&file, &name).map(|token| {
+                    println!("reader {name} added to {}.", file.display());
+                    println!("This token reads the query API (/v1/punches, /v1/punches.csv, /v1/gateways, /v1/conflicts); it is shown only once:");
+                    println!("{token}");
+                }),
+                ReaderCommand::Revoke { name } => readers::revoke_reader(&file, &name).map(|()| {
+                    println!("reader {name} revoked; a running relay refuses it within auth.reload_interval_ms");
+                }),
+                ReaderCommand::List => readers::Readers::load(&file).map(|r| {
+                    for x in r.list() {
+                        println!("{}\t{}", x.name, x.added_ms);
                     }
                 }),
             }

@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use crate::app::{self, AppState};
+use crate::auth::readers::{ReaderCreds, Readers};
 use crate::auth::{self, AdminToken, GatewayCreds, Gateways};
 use crate::config::{Config, StoreKind};
 use crate::store::postgres::PgStore;
@@ -34,8 +35,14 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Builds the TLS acceptor from PEM files.
-pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> anyhow::Result<TlsAcceptor> {
+/// Builds the TLS acceptor from PEM files. With `client_ca`, clients are asked for a
+/// certificate and one is accepted only if it chains to a CA in that file; clients that
+/// send none still connect (they authenticate with a token).
+pub fn tls_acceptor(
+    cert_file: &Path,
+    key_file: &Path,
+    client_ca: Option<&Path>,
+) -> anyhow::Result<TlsAcceptor> {
     let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
         std::fs::File::open(cert_file)
             .with_context(|| format!("tls.cert_file {}", cert_file.display()))?,
@@ -51,17 +58,57 @@ pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> anyhow::Result<TlsAcce
     ))
     .with_context(|| format!("tls.key_file {} is not PEM", key_file.display()))?
     .with_context(|| format!("tls.key_file {} holds no private key", key_file.display()))?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .context("rustls protocol versions")?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .context("tls.cert_file and tls.key_file do not form a usable certificate")?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .context("rustls protocol versions")?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(path) => builder.with_client_cert_verifier(client_verifier(path, provider)?),
+    };
+    let mut cfg = builder
+        .with_single_cert(certs, key)
+        .context("tls.cert_file and tls.key_file do not form a usable certificate")?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
+
+/// The client certificate verifier for `tls.client_ca_file`.
+fn client_verifier(
+    path: &Path,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> anyhow::Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
+    let cas = rustls_pemfile::certs(&mut std::io::BufReader::new(
+        std::fs::File::open(path)
+            .with_context(|| format!("tls.client_ca_file {}", path.display()))?,
+    ))
+    .collect::<Result<Vec<_>, _>>()
+    .with_context(|| format!("tls.client_ca_file {} is not PEM", path.display()))?;
+    if cas.is_empty() {
+        anyhow::bail!(
+            "tls.client_ca_file {} holds no certificate; put the CA that issues gateway certificates there",
+            path.display()
+        );
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in cas {
+        roots.add(ca).with_context(|| {
+            format!(
+                "tls.client_ca_file {} holds an unusable CA certificate",
+                path.display()
+            )
+        })?;
+    }
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        .allow_unauthenticated()
+        .build()
+        .with_context(|| format!("tls.client_ca_file {}", path.display()))
+}
+
+/// The SHA-256 of the client's verified end-entity certificate, attached to every request
+/// of a TLS connection that presented one (see `auth`, "Client certificates").
+#[derive(Debug, Clone, Copy)]
+pub struct ClientCert(pub [u8; 32]);
 
 /// Opens the configured store (applying PostgreSQL migrations).
 pub async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
@@ -125,11 +172,19 @@ pub async fn serve(
             state.metrics.open_connections.inc();
             match tls {
                 Some(acc) => match tokio::time::timeout(handshake, acc.accept(tcp)).await {
-                    Ok(Ok(stream)) => serve_conn(stream, router, &state, peer, handshake).await,
+                    Ok(Ok(stream)) => {
+                        let cert = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .map(|c| ClientCert(auth::cert_fingerprint(c.as_ref())));
+                        serve_conn(stream, router, &state, peer, cert, handshake).await
+                    }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                 },
-                None => serve_conn(tcp, router, &state, peer, handshake).await,
+                None => serve_conn(tcp, router, &state, peer, None, handshake).await,
             }
             state.metrics.open_connections.dec();
         });
@@ -144,11 +199,15 @@ async fn serve_conn<S>(
     router: Router,
     state: &AppState,
     peer: SocketAddr,
+    cert: Option<ClientCert>,
     header_timeout: Duration,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        if let Some(c) = cert {
+            req.extensions_mut().insert(c);
+        }
         router.clone().oneshot(req)
     });
     let conn = hyper::server::conn::http1::Builder::new()
@@ -180,7 +239,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let (Some(cert), Some(key)) = (&cfg.tls.cert_file, &cfg.tls.key_file) else {
             anyhow::bail!("tls.cert_file and tls.key_file are required unless tls.disabled = true");
         };
-        Some(tls_acceptor(cert, key)?)
+        if cfg.tls.client_ca_file.is_some() {
+            tracing::info!(
+                "tls.client_ca_file set: gateways may authenticate with client certificates"
+            );
+        }
+        Some(tls_acceptor(cert, key, cfg.tls.client_ca_file.as_deref())?)
     };
     std::fs::create_dir_all(&cfg.relay.data_dir).with_context(|| {
         format!(
@@ -196,19 +260,33 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tracing::warn!(file = %gw_file.display(), "no gateways registered yet; add one with `outpost-relay gateway add ID --site SITE`");
     }
     let creds = GatewayCreds::new(gateways);
+    let readers_file = cfg.readers_file();
+    let readers = ReaderCreds::new(Readers::load(&readers_file).context("auth.readers_file")?);
     let store = open_store(&cfg).await?;
     let cancel = CancellationToken::new();
     let state = AppState::new(
         store.clone(),
         creds.clone(),
+        readers.clone(),
         admin,
         cfg.limits.clone(),
         cancel.clone(),
     );
+    let every = Duration::from_millis(cfg.auth.reload_interval_ms);
     let watcher = tokio::spawn(auth::watch(
         gw_file,
         creds,
-        Duration::from_millis(cfg.auth.reload_interval_ms),
+        Gateways::load,
+        "auth.gateways_file",
+        every,
+        cancel.clone(),
+    ));
+    let reader_watcher = tokio::spawn(auth::watch(
+        readers_file,
+        readers,
+        Readers::load,
+        "auth.readers_file",
+        every,
         cancel.clone(),
     ));
     let listener = TcpListener::bind(cfg.relay.listen)
@@ -247,6 +325,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     signals.abort();
     let _ = watcher.await;
+    let _ = reader_watcher.await;
     store.close().await.context("close the store")?;
     tracing::info!("stopped");
     Ok(())

@@ -161,8 +161,21 @@ pub fn http(
 ) -> std::io::Result<(u16, Vec<u8>)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    http_on(&mut s, &addr.to_string(), method, path, headers, body)
+}
+
+/// The HTTP/1.0 exchange of [`http`] on an open stream (plain or TLS): writes the request,
+/// reads until the server closes, returns (status, body).
+pub fn http_on<S: Read + Write>(
+    s: &mut S,
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<(u16, Vec<u8>)> {
     let mut req = format!(
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n",
+        "{method} {path} HTTP/1.0\r\nHost: {host}\r\nContent-Length: {}\r\n",
         body.len()
     );
     for (k, v) in headers {
@@ -171,8 +184,15 @@ pub fn http(
     req.push_str("\r\n");
     s.write_all(req.as_bytes())?;
     s.write_all(body)?;
+    s.flush()?;
     let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
+    match s.read_to_end(&mut buf) {
+        Ok(_) => {}
+        // A TLS peer that closes without close_notify: the response is complete anyway
+        // (HTTP/1.0, the server closes after the body).
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !buf.is_empty() => {}
+        Err(e) => return Err(e),
+    }
     let split = buf
         .windows(4)
         .position(|w| w == b"\r\n\r\n")

@@ -4,7 +4,8 @@
 //!
 //! [`Relay::start`] gives each relay a temp data dir, a random port on 127.0.0.1 and plain
 //! HTTP (`tls.disabled = true`), configured through `OUTPOST_*` environment variables like
-//! an operator would, and waits until `/health/ready` answers 200. The binary is found and
+//! an operator would, and waits until `/health/ready` answers 200. [`Relay::start_tls`] does
+//! the same with TLS from a test [`Pki`], optionally asking for client certificates. The binary is found and
 //! built by [`crate::proc::binary`]. Gateways are issued with the real CLI
 //! (`outpost-relay gateway add`), whose last output line is the token.
 
@@ -19,7 +20,8 @@ use outpost_protocol::{
     Batch, BootId, Id, Punch, PunchKind, Received, Record, Source, TimeAnchor, VerifyMethod,
 };
 
-use crate::proc::{binary, free_port, http, wait_http_ok, ChildProc};
+use crate::pki::{https, Pki};
+use crate::proc::{binary, free_port, http, ChildProc};
 
 /// 2026-11-22T06:00:00Z, the base of the test punches' times.
 pub const T0: i64 = 1_795_327_200_000;
@@ -146,6 +148,8 @@ pub struct Relay {
     pub data_dir: PathBuf,
     /// The admin token (read from the file the relay created).
     pub admin_token: String,
+    /// With TLS: the client config (trusting the test CA) the harness's own requests use.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     env: Vec<(String, String)>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -164,6 +168,39 @@ impl Relay {
             .tempdir()?;
         let data = dir.path().join("data");
         let mut r = Relay::prepare(&data, store, env);
+        r._dir = Some(dir);
+        r.restart()?;
+        Ok(r)
+    }
+
+    /// Like [`Relay::start`], serving TLS with `pki`'s server certificate; with
+    /// `client_ca`, `tls.client_ca_file` is `pki`'s CA, so gateways may use client
+    /// certificates that `pki` issued.
+    pub fn start_tls(
+        store: StoreKind,
+        pki: &Pki,
+        client_ca: bool,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Relay> {
+        let dir = tempfile::Builder::new()
+            .prefix("outpost-relay-")
+            .tempdir()?;
+        let (cert, key, ca) = (
+            pki.cert_file.display().to_string(),
+            pki.key_file.display().to_string(),
+            pki.ca_file.display().to_string(),
+        );
+        let mut all: Vec<(&str, &str)> = vec![
+            ("OUTPOST_TLS__DISABLED", "false"),
+            ("OUTPOST_TLS__CERT_FILE", &cert),
+            ("OUTPOST_TLS__KEY_FILE", &key),
+        ];
+        if client_ca {
+            all.push(("OUTPOST_TLS__CLIENT_CA_FILE", &ca));
+        }
+        all.extend_from_slice(env);
+        let mut r = Relay::prepare(&dir.path().join("data"), store, &all);
+        r.tls = Some(pki.client_config(None));
         r._dir = Some(dir);
         r.restart()?;
         Ok(r)
@@ -199,6 +236,7 @@ impl Relay {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             data_dir: data_dir.to_path_buf(),
             admin_token: String::new(),
+            tls: None,
             env: all,
             _dir: None,
         }
@@ -224,7 +262,17 @@ impl Relay {
             .unwrap_or(&self.data_dir)
             .join(format!("relay-{}.log", self.addr.port()));
         let mut p = ChildProc::spawn("outpost-relay", c, &log);
-        if !wait_http_ok(self.addr, "/health/ready", Duration::from_secs(60)) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let ready = loop {
+            if let Ok((200, _)) = self.request("GET", "/health/ready", &[], b"") {
+                break true;
+            }
+            if std::time::Instant::now() > deadline || p.exited() {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        };
+        if !ready {
             let exited = p.exited();
             bail!(
                 "relay not ready after 60 s (exited: {exited}); log:\n{}",
@@ -286,13 +334,8 @@ impl Relay {
         let auth = format!("Bearer {token}");
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
-            let (status, _) = http(
-                self.addr,
-                "POST",
-                "/v1/batches",
-                &[("Authorization", &auth)],
-                b"",
-            )?;
+            let (status, _) =
+                self.request("POST", "/v1/batches", &[("Authorization", &auth)], b"")?;
             if (status != 401) == known {
                 return Ok(());
             }
@@ -315,26 +358,57 @@ impl Relay {
         Ok(())
     }
 
-    /// `http://addr`.
-    pub fn http_url(&self) -> String {
-        format!("http://{}", self.addr)
+    /// `reader add NAME`: returns the read token (the output's last line).
+    pub fn add_reader(&self, name: &str) -> anyhow::Result<String> {
+        let out = self.cli(&["reader", "add", name])?;
+        if !out.status.success() {
+            bail!(
+                "reader add failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        String::from_utf8(out.stdout)?
+            .lines()
+            .last()
+            .map(|l| l.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .context("reader add printed no token")
     }
 
-    /// `ws://addr/v1/uplink`.
+    /// `http://addr` (or `https://localhost:port` with TLS).
+    pub fn http_url(&self) -> String {
+        match self.tls {
+            Some(_) => format!("https://localhost:{}", self.addr.port()),
+            None => format!("http://{}", self.addr),
+        }
+    }
+
+    /// `ws://addr/v1/uplink` (or `wss://localhost:port/v1/uplink` with TLS).
     pub fn ws_url(&self) -> String {
-        format!("ws://{}/v1/uplink", self.addr)
+        match self.tls {
+            Some(_) => format!("wss://localhost:{}/v1/uplink", self.addr.port()),
+            None => format!("ws://{}/v1/uplink", self.addr),
+        }
+    }
+
+    /// One request to the relay, over TLS when it serves TLS; returns (status, body).
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<(u16, Vec<u8>)> {
+        match &self.tls {
+            Some(cfg) => https(self.addr, cfg.clone(), method, path, headers, body),
+            None => http(self.addr, method, path, headers, body),
+        }
     }
 
     /// `GET path` with the admin token; returns (status, body).
     pub fn admin_get(&self, path: &str) -> anyhow::Result<(u16, Vec<u8>)> {
         let auth = format!("Bearer {}", self.admin_token);
-        Ok(http(
-            self.addr,
-            "GET",
-            path,
-            &[("Authorization", &auth)],
-            b"",
-        )?)
+        Ok(self.request("GET", path, &[("Authorization", &auth)], b"")?)
     }
 
     /// The process id of the running relay.

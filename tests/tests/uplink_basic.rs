@@ -7,7 +7,7 @@ mod uplink_support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use outpost_tests::proc::{free_port, ChildProc};
+use outpost_tests::pki::Pki;
 use outpost_tests::relay::{Relay, StoreKind};
 use uplink_support::*;
 
@@ -195,72 +195,16 @@ fn parse_ms(s: &str) -> i64 {
     outpost_protocol::json::parse_time(s).unwrap().0
 }
 
-/// A CA and a server certificate for 127.0.0.1 / localhost, made now.
-fn make_pki(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "Outpost test CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let params =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-    let (ca_file, cert_file, key_file) = (
-        dir.join("ca.pem"),
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-    );
-    std::fs::write(&ca_file, ca.pem()).unwrap();
-    std::fs::write(&cert_file, cert.pem()).unwrap();
-    std::fs::write(&key_file, key.serialize_pem()).unwrap();
-    (ca_file, cert_file, key_file)
-}
-
 #[test]
 fn wss_with_a_test_ca_delivers_and_a_wrong_ca_refuses_to_send() {
     let dir = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = make_pki(dir.path());
-    let other = tempfile::tempdir().unwrap();
-    let (wrong_ca, _, _) = make_pki(other.path());
-
-    // The relay with TLS on: started by hand, since the harness probes plain HTTP.
-    let data = dir.path().join("relay");
-    let port = free_port();
-    let env: Vec<(String, String)> = vec![
-        ("OUTPOST_RELAY__LISTEN".into(), format!("127.0.0.1:{port}")),
-        ("OUTPOST_RELAY__DATA_DIR".into(), data.display().to_string()),
-        ("OUTPOST_TLS__DISABLED".into(), "false".into()),
-        ("OUTPOST_TLS__CERT_FILE".into(), cert.display().to_string()),
-        ("OUTPOST_TLS__KEY_FILE".into(), key.display().to_string()),
-        ("OUTPOST_STORE__KIND".into(), "sled".into()),
-        ("OUTPOST_AUTH__RELOAD_INTERVAL_MS".into(), "100".into()),
-    ];
-    let env_ref: Vec<(&str, &str)> = env.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
-    let mut relay = Relay::prepare(&data, StoreKind::Sled, &env_ref);
+    let pki = Pki::new(dir.path(), "test");
+    let wrong = Pki::new(dir.path(), "other");
+    let (ca, wrong_ca) = (&pki.ca_file, &wrong.ca_file);
+    let relay = Relay::start_tls(StoreKind::Sled, &pki, false, &[]).unwrap();
     let token_a = relay.add_gateway("gw-a", "HC001").unwrap();
     let token_b = relay.add_gateway("gw-b", "HC001").unwrap();
-    let mut cmd = std::process::Command::new(Relay::bin());
-    cmd.env_remove("RUST_LOG")
-        .envs(env.iter().cloned())
-        .arg("run");
-    relay.proc = Some(ChildProc::spawn(
-        "outpost-relay",
-        cmd,
-        &dir.path().join("relay.log"),
-    ));
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let up = wait_until(Duration::from_secs(30), || {
-        std::net::TcpStream::connect(addr).is_ok()
-    });
-    assert!(
-        up,
-        "relay with TLS did not start: {}",
-        std::fs::read_to_string(dir.path().join("relay.log")).unwrap_or_default()
-    );
+    let port = relay.addr.port();
 
     let url = format!("wss://localhost:{port}");
     let ca_s = ca.display().to_string();

@@ -48,6 +48,14 @@ pub struct UplinkConfig {
     /// `uplink.pinned_cert_sha256`: hex SHA-256 of the relay's certificate (DER). When set,
     /// only that exact certificate is accepted (no CA check, no name check).
     pub pinned_cert_sha256: Option<String>,
+    /// `uplink.client_cert_file`: PEM file of the gateway's TLS client certificate (leaf
+    /// first, optionally followed by intermediates), presented to the relay over
+    /// `wss://`/`https://` (mutual TLS). Set together with `client_key_file`. With it, the
+    /// relay token becomes optional: the relay knows the gateway by the certificate.
+    pub client_cert_file: Option<PathBuf>,
+    /// `uplink.client_key_file`: PEM file of the private key of `client_cert_file`
+    /// (PKCS#8, PKCS#1 or SEC1).
+    pub client_key_file: Option<PathBuf>,
     /// `uplink.batch_max_records`: records per batch at most (default 5000).
     pub batch_max_records: usize,
     /// `uplink.batch_max_bytes`: journal bytes (CBOR) per batch at most (default 1 MiB).
@@ -88,6 +96,8 @@ impl Default for UplinkConfig {
             token_file: None,
             ca_file: None,
             pinned_cert_sha256: None,
+            client_cert_file: None,
+            client_key_file: None,
             batch_max_records: 5000,
             batch_max_bytes: 1 << 20,
             batch_max_age: Duration::from_secs(1),
@@ -124,6 +134,12 @@ impl UplinkConfig {
                 _ => Transport::Websocket,
             }
         })
+    }
+
+    /// `true` when a client certificate is configured (`uplink.client_cert_file` and
+    /// `uplink.client_key_file`). It is only presented over TLS (`wss://`/`https://`).
+    pub fn has_client_cert(&self) -> bool {
+        self.client_cert_file.is_some() && self.client_key_file.is_some()
     }
 
     /// The token file.
@@ -185,6 +201,9 @@ impl UplinkConfig {
         if let Some(ca) = &self.ca_file {
             super::tls::load_ca_file(ca).map_err(|e| ("ca_file", e))?;
         }
+        // Both or neither, and the pair must load and match: a wrong file is a
+        // configuration error at start (and in check-config), not a retry loop later.
+        super::tls::client_identity(self)?;
         Ok(())
     }
 }
@@ -274,6 +293,84 @@ mod tests {
         assert!(bad("pinned_cert_sha256 = \"abc\"").starts_with("pinned_cert_sha256"));
         assert!(bad("ca_file = \"/nonexistent/ca.pem\"").starts_with("ca_file"));
         assert!(toml::from_str::<UplinkConfig>("relay = []").is_err());
+    }
+
+    #[test]
+    fn client_cert_and_key_go_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["gw-1".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (cert_file, key_file) = (dir.path().join("gw.pem"), dir.path().join("gw.key"));
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not PEM").unwrap();
+        let load = |pairs: &[(&str, &Path)]| {
+            crate::config::Config::load(
+                None,
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.display().to_string())),
+            )
+        };
+        const CERT: &str = "OUTPOST_UPLINK__CLIENT_CERT_FILE";
+        const KEY: &str = "OUTPOST_UPLINK__CLIENT_KEY_FILE";
+
+        // Both, through the environment overrides.
+        let c = load(&[(CERT, &cert_file), (KEY, &key_file)]).unwrap();
+        assert_eq!(
+            c.uplink.client_cert_file.as_deref(),
+            Some(cert_file.as_path())
+        );
+        assert_eq!(
+            c.uplink.client_key_file.as_deref(),
+            Some(key_file.as_path())
+        );
+        assert!(c.uplink.has_client_cert());
+        assert!(!UplinkConfig::default().has_client_cert());
+
+        // Only one: the error names the other key.
+        let e = load(&[(CERT, &cert_file)]).unwrap_err().to_string();
+        assert!(
+            e.contains("uplink.client_key_file") && e.contains("must be set"),
+            "{e}"
+        );
+        let e = load(&[(KEY, &key_file)]).unwrap_err().to_string();
+        assert!(
+            e.contains("uplink.client_cert_file") && e.contains("must be set"),
+            "{e}"
+        );
+
+        // Unreadable or not PEM: named too.
+        let missing = dir.path().join("missing.pem");
+        let e = load(&[(CERT, &missing), (KEY, &key_file)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("uplink.client_cert_file") && e.contains("cannot read"),
+            "{e}"
+        );
+        let e = load(&[(CERT, &cert_file), (KEY, &junk)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("uplink.client_key_file") && e.contains("no PEM private key"),
+            "{e}"
+        );
+
+        // A key that is not the certificate's.
+        let other = dir.path().join("other.key");
+        std::fs::write(&other, rcgen::KeyPair::generate().unwrap().serialize_pem()).unwrap();
+        let e = load(&[(CERT, &cert_file), (KEY, &other)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("uplink.client_key_file") && e.contains("does not match"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -30,7 +30,8 @@ type Reply = Result<(Ack, Sender), LinkError>;
 struct Target {
     ep: Endpoint,
     tls: Option<Arc<rustls::ClientConfig>>,
-    auth: String,
+    /// `Authorization` header value; `None` when the TLS client certificate identifies us.
+    auth: Option<String>,
     timeout: Duration,
 }
 
@@ -44,17 +45,19 @@ pub struct HttpsLink {
 
 impl HttpsLink {
     /// Opens the first connection (so that a wrong address or certificate shows up now,
-    /// as a connection error, rather than at the first batch).
+    /// as a connection error, rather than at the first batch). Each request carries `token`
+    /// as a Bearer token when there is one; with `None` there is no `Authorization` header
+    /// and the relay identifies the gateway by the TLS client certificate in `tls`.
     pub async fn connect(
         ep: &Endpoint,
         tls: Option<Arc<rustls::ClientConfig>>,
-        token: &str,
+        token: Option<&str>,
         request_timeout: Duration,
     ) -> Result<HttpsLink, LinkError> {
         let target = Target {
             ep: ep.clone(),
             tls,
-            auth: format!("Bearer {token}"),
+            auth: token.map(|t| format!("Bearer {t}")),
             timeout: request_timeout,
         };
         let first = open(&target).await?;
@@ -88,10 +91,13 @@ async fn post(t: Target, sender: Option<Sender>, frame: Bytes) -> Reply {
         .ready()
         .await
         .map_err(|e| LinkError::Closed(format!("HTTP connection lost: {e}")))?;
-    let req = hyper::Request::post(t.ep.path.as_str())
+    let mut req = hyper::Request::post(t.ep.path.as_str())
         .header(hyper::header::HOST, t.ep.authority())
-        .header(hyper::header::AUTHORIZATION, t.auth.as_str())
-        .header(hyper::header::CONTENT_TYPE, "application/octet-stream")
+        .header(hyper::header::CONTENT_TYPE, "application/octet-stream");
+    if let Some(auth) = &t.auth {
+        req = req.header(hyper::header::AUTHORIZATION, auth.as_str());
+    }
+    let req = req
         .body(Full::new(frame))
         .map_err(|e| LinkError::Local(format!("cannot build the request: {e}")))?;
     let exchange = async {

@@ -131,11 +131,13 @@ pub enum LinkError {
     /// TCP connection or DNS failed.
     #[error("cannot connect to {0}")]
     Connect(String),
-    /// The TLS handshake failed (unknown CA, wrong pin, wrong name).
-    #[error("TLS handshake failed: {0} (check uplink.ca_file / uplink.pinned_cert_sha256)")]
+    /// The TLS handshake failed (unknown CA, wrong pin, wrong name, client certificate
+    /// refused or unusable).
+    #[error("TLS handshake failed: {0} (check uplink.ca_file / uplink.pinned_cert_sha256 / uplink.client_cert_file)")]
     Tls(String),
-    /// The relay refused the token or the gateway/site (401/403, WebSocket 1008).
-    #[error("the relay refused this gateway: {0}. Check uplink.token_file; issue a token with `outpost-relay gateway add <gateway.id> --site <gateway.site>`")]
+    /// The relay refused the token, the client certificate or the gateway/site (401/403,
+    /// WebSocket 1008).
+    #[error("the relay refused this gateway: {0}. Check uplink.token_file (issue a token with `outpost-relay gateway add <gateway.id> --site <gateway.site>`), or, without a token, that the relay knows the certificate in uplink.client_cert_file")]
     Unauthorized(String),
     /// The relay refused a frame as too large (413, WebSocket 1009).
     #[error("the relay refused a batch as too large: {0}")]

@@ -52,7 +52,7 @@ pub mod tls;
 pub mod ws;
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -332,6 +332,18 @@ pub fn spawn(
             Endpoint::parse(u, cfg.transport()).map_err(|e| StartError::Relay(format!("{u}: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let plain: Vec<&str> = endpoints
+        .iter()
+        .filter(|e| !e.tls)
+        .map(|e| e.url.as_str())
+        .collect();
+    if cfg.has_client_cert() && !plain.is_empty() {
+        // Not an error: a token still works there, and the TLS relays get the certificate.
+        warn!(
+            relays = ?plain,
+            "uplink.client_cert_file is set, but these relay URLs do not use TLS (ws:// or http://): the client certificate cannot be presented to them, only the relay token; use wss:// or https://"
+        );
+    }
     let anchors = Anchors::load(&ctx.data_dir, ctx.clock.boot_id());
     let stats = ctx.journal.stats();
     let (trim_tx, trim_rx) = watch::channel(stats.trimmed_through);
@@ -396,6 +408,33 @@ async fn trimmer(ctx: UplinkContext, mut rx: watch::Receiver<u64>) {
         if closed {
             return;
         }
+    }
+}
+
+/// The relay token: `env` (the value of `OUTPOST_UPLINK_TOKEN`) when set and not blank,
+/// else the contents of `path`. With `client_cert` (a client certificate is configured), a
+/// missing or empty token file is `Ok(None)`: the relay then knows the gateway by its
+/// certificate. Any other read error stays an error, since a token was meant to be there.
+/// The error is why there is no token.
+fn read_token(
+    env: Option<String>,
+    path: &Path,
+    client_cert: bool,
+) -> Result<Option<String>, String> {
+    if let Some(t) = env {
+        if !t.trim().is_empty() {
+            return Ok(Some(t.trim().to_string()));
+        }
+    }
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && client_cert => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    match text.trim() {
+        "" if client_cert => Ok(None),
+        "" => Err("the file is empty".into()),
+        t => Ok(Some(t.to_string())),
     }
 }
 
@@ -530,25 +569,20 @@ impl Uplink {
         });
     }
 
-    fn token(&self) -> Result<String, LinkError> {
-        if let Ok(t) = std::env::var(TOKEN_ENV) {
-            if !t.trim().is_empty() {
-                return Ok(t.trim().to_string());
-            }
-        }
+    /// The relay token (see [`read_token`]), or an error saying how to provide one.
+    fn token(&self) -> Result<Option<String>, LinkError> {
         let path = self.cfg.token_file(&self.ctx.data_dir);
-        let missing = |why: String| {
+        read_token(
+            std::env::var(TOKEN_ENV).ok(),
+            &path,
+            self.cfg.has_client_cert(),
+        )
+        .map_err(|why| {
             LinkError::Local(format!(
-                "no relay token ({why}): put the token printed by `outpost-relay gateway add {} --site {}` in {} (uplink.token_file), or set {TOKEN_ENV}",
+                "no relay token ({why}): put the token printed by `outpost-relay gateway add {} --site {}` in {} (uplink.token_file), or set {TOKEN_ENV}, or authenticate with a TLS client certificate instead (uplink.client_cert_file and uplink.client_key_file)",
                 self.header.gateway_id, self.header.site_id, path.display()
             ))
-        };
-        let text = std::fs::read_to_string(&path).map_err(|e| missing(e.to_string()))?;
-        let t = text.trim();
-        if t.is_empty() {
-            return Err(missing("the file is empty".into()));
-        }
-        Ok(t.to_string())
+        })
     }
 
     /// Connects to `ep` and runs a session. `None` when shutdown came first.
@@ -561,6 +595,17 @@ impl Uplink {
             Ok(t) => t,
             Err(e) => return Some((false, Some(e))),
         };
+        if token.is_none() && !ep.tls {
+            // Without TLS the certificate cannot be presented: the relay would only answer
+            // 401, so say why here.
+            return Some((
+                false,
+                Some(LinkError::Local(format!(
+                    "no relay token, and the client certificate (uplink.client_cert_file) cannot be presented to {}, which does not use TLS: use a wss:// or https:// relay URL, or provide a token (uplink.token_file or {TOKEN_ENV})",
+                    ep.url
+                ))),
+            ));
+        }
         let tls = if ep.tls {
             match tls::client_config(&self.cfg) {
                 Ok(c) => Some(c),
@@ -577,7 +622,8 @@ impl Uplink {
         };
         match ep.transport {
             Transport::Websocket => {
-                let connect = tokio::time::timeout(limit, ws::WsLink::connect(ep, tls, &token));
+                let connect =
+                    tokio::time::timeout(limit, ws::WsLink::connect(ep, tls, token.as_deref()));
                 let r = tokio::select! {
                     _ = shutdown.cancelled() => return None,
                     r = connect => r.unwrap_or_else(|_| Err(timed_out())),
@@ -587,7 +633,7 @@ impl Uplink {
             Transport::Https => {
                 let connect = tokio::time::timeout(
                     limit,
-                    https::HttpsLink::connect(ep, tls, &token, self.cfg.ack_timeout),
+                    https::HttpsLink::connect(ep, tls, token.as_deref(), self.cfg.ack_timeout),
                 );
                 let r = tokio::select! {
                     _ = shutdown.cancelled() => return None,
@@ -892,5 +938,43 @@ impl Uplink {
             s.inflight = inflight.len();
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_is_optional_only_with_a_client_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.token");
+        let env = |v: &str| Some(v.to_string());
+
+        // No token anywhere: an error without a certificate, no header with one.
+        assert!(read_token(None, &path, false).is_err());
+        assert_eq!(read_token(None, &path, true), Ok(None));
+        assert_eq!(read_token(env("  "), &path, true), Ok(None));
+
+        // An empty file counts as no token.
+        std::fs::write(&path, "\n").unwrap();
+        assert_eq!(
+            read_token(None, &path, false),
+            Err("the file is empty".into())
+        );
+        assert_eq!(read_token(None, &path, true), Ok(None));
+
+        // A token, when there is one, is always sent; the variable wins over the file.
+        std::fs::write(&path, "ogw_file\n").unwrap();
+        assert_eq!(read_token(None, &path, true), Ok(Some("ogw_file".into())));
+        assert_eq!(read_token(None, &path, false), Ok(Some("ogw_file".into())));
+        assert_eq!(
+            read_token(env(" ogw_env "), &path, true),
+            Ok(Some("ogw_env".into()))
+        );
+
+        // A token file that exists but cannot be read is an error even with a certificate.
+        let not_a_file = dir.path().to_path_buf();
+        assert!(read_token(None, &not_a_file, true).is_err());
     }
 }

@@ -30,22 +30,26 @@ pub struct WsLink {
 }
 
 impl WsLink {
-    /// Connects and upgrades, presenting `token`. An HTTP refusal (401, 403, 503) becomes
-    /// the matching [`LinkError`].
+    /// Connects and upgrades, presenting `token` as a Bearer token when there is one.
+    /// `None` sends no `Authorization` header: the relay then identifies the gateway by the
+    /// TLS client certificate in `tls` (if any). An HTTP refusal (401, 403, 503) becomes the
+    /// matching [`LinkError`].
     pub async fn connect(
         ep: &Endpoint,
         tls: Option<Arc<rustls::ClientConfig>>,
-        token: &str,
+        token: Option<&str>,
     ) -> Result<WsLink, LinkError> {
         let stream = connect_stream(ep, tls).await?;
         let mut req = ep
             .full_url()
             .into_client_request()
             .map_err(|e| LinkError::Local(format!("bad relay URL {}: {e}", ep.url)))?;
-        let auth = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| LinkError::Local("the relay token has characters that cannot go in a header; check uplink.token_file".into()))?;
-        req.headers_mut().insert("authorization", auth);
+        if let Some(token) = token {
+            let auth = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| LinkError::Local("the relay token has characters that cannot go in a header; check uplink.token_file (or OUTPOST_UPLINK_TOKEN)".into()))?;
+            req.headers_mut().insert("authorization", auth);
+        }
         let config = WebSocketConfig::default()
             .max_message_size(Some(MAX_INBOUND))
             .max_frame_size(Some(MAX_INBOUND));
