@@ -8,6 +8,7 @@
 //! | `GET /v1/punches.csv` | admin or read token | the same filters, every matching punch as CSV (streamed page by page) |
 //! | `GET /v1/gateways` | admin or read token | `{"gateways": [...]}` |
 //! | `GET /v1/conflicts` | admin or read token | `{"items": [...], "next_cursor": ...}` |
+//! | `GET /v1/rejected` | admin or read token | invalid records kept instead of stored, with `reason`: `{"items": [...], "next_cursor": ...}` |
 //! | `GET /health/live` | none | 200 while the process runs |
 //! | `GET /health/ready` | none | 200 when the store answers and the relay is not shutting down |
 //! | `GET /metrics` | none | Prometheus text ([`crate::metrics`]) |
@@ -98,6 +99,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/punches.csv", get(punches_csv))
         .route("/v1/gateways", get(gateways))
         .route("/v1/conflicts", get(conflicts))
+        .route("/v1/rejected", get(rejected))
         .route("/health/live", get(|| async { "ok\n" }))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -330,6 +332,31 @@ async fn gateways(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Res
     }
 }
 
+/// The JSON of a conflict or rejected record: the punch as sent plus where it came from.
+fn held_json(
+    record: &outpost_protocol::Record,
+    site: &str,
+    gateway: &str,
+    epoch: u64,
+    stored_at_ms: i64,
+) -> serde_json::Map<String, Value> {
+    let mut m = punch_to_json(&record.punch);
+    m.insert("site".into(), site.into());
+    m.insert("gateway_id".into(), gateway.into());
+    m.insert("journal_epoch".into(), epoch.into());
+    m.insert("gateway_seq".into(), record.gateway_seq.into());
+    m.insert("stored_at".into(), format_time(stored_at_ms, None).into());
+    m
+}
+
+/// One page of `items` (at most `limit`) with the next cursor when the page is full.
+fn page_json(items: Vec<Value>, limit: usize, last_id: Option<u64>) -> Response {
+    let next = (items.len() == limit)
+        .then(|| last_id.map(|id| id.to_string()))
+        .flatten();
+    Json(json!({"items": items, "next_cursor": next})).into_response()
+}
+
 async fn conflicts(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -345,23 +372,58 @@ async fn conflicts(
     let limit = state.limits.max_query_limit.min(100);
     match state.store.conflicts(after, limit).await {
         Ok(items) => {
-            let next = (items.len() == limit)
-                .then(|| items.last().map(|c| c.id.to_string()))
-                .flatten();
-            let items: Vec<Value> = items
+            let last = items.last().map(|c| c.id);
+            let items = items
                 .iter()
                 .map(|c| {
-                    let mut m = punch_to_json(&c.record.punch);
-                    m.insert("site".into(), c.site_id.as_str().into());
-                    m.insert("gateway_id".into(), c.gateway_id.as_str().into());
-                    m.insert("journal_epoch".into(), c.journal_epoch.into());
-                    m.insert("gateway_seq".into(), c.record.gateway_seq.into());
-                    m.insert("stored_at".into(), format_time(c.stored_at_ms, None).into());
+                    let mut m = held_json(
+                        &c.record,
+                        c.site_id.as_str(),
+                        c.gateway_id.as_str(),
+                        c.journal_epoch,
+                        c.stored_at_ms,
+                    );
                     m.insert("kept_cursor".into(), c.kept_cursor.to_string().into());
                     Value::Object(m)
                 })
                 .collect();
-            Json(json!({"items": items, "next_cursor": next})).into_response()
+            page_json(items, limit, last)
+        }
+        Err(e) => store_error(e),
+    }
+}
+
+async fn rejected(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(p): Query<HashMap<String, String>>,
+) -> Response {
+    if let Err(r) = require_reader(&state, &headers) {
+        return r;
+    }
+    let after = match cursor_param(&p) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let limit = state.limits.max_query_limit.min(100);
+    match state.store.rejected(after, limit).await {
+        Ok(items) => {
+            let last = items.last().map(|x| x.id);
+            let items = items
+                .iter()
+                .map(|x| {
+                    let mut m = held_json(
+                        &x.record,
+                        x.site_id.as_str(),
+                        x.gateway_id.as_str(),
+                        x.journal_epoch,
+                        x.stored_at_ms,
+                    );
+                    m.insert("reason".into(), x.reason.as_str().into());
+                    Value::Object(m)
+                })
+                .collect();
+            page_json(items, limit, last)
         }
         Err(e) => store_error(e),
     }

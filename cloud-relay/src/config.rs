@@ -120,6 +120,92 @@ pub enum StoreKind {
     Postgres,
 }
 
+/// `store.tls`: how the relay protects its connections to PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PgTlsMode {
+    /// Plain TCP: the password and every punch cross the network readable. Only for a
+    /// database on the same host or on a network you trust.
+    Disable,
+    /// TLS without checking the server's certificate (libpq's `sslmode=require`): stops
+    /// eavesdroppers, not an attacker who can redirect the connection.
+    Require,
+    /// TLS; the server's certificate must chain to `store.ca_file` (the public web roots
+    /// when unset) and name the host of `store.url` (libpq's `sslmode=verify-full`).
+    VerifyFull,
+}
+
+impl PgTlsMode {
+    /// The config value (`"verify-full"`), for messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PgTlsMode::Disable => "disable",
+            PgTlsMode::Require => "require",
+            PgTlsMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+impl std::fmt::Display for PgTlsMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Takes libpq's `sslmode=verify-full` out of a PostgreSQL URL (tokio-postgres parses only
+/// `disable`, `prefer` and `require`) and reports it, so a URL copied from a managed
+/// database's console works. Both the URL form (`postgres://…?sslmode=verify-full`) and the
+/// key-value form (`host=… sslmode=verify-full`) are understood. `sslmode=verify-ca` is
+/// refused: the relay always checks the host name when it checks the certificate.
+///
+/// Returns the URL for tokio-postgres and `Some(VerifyFull)` when the URL asked for it; the
+/// other `sslmode` values stay in the URL for tokio-postgres (see [`StoreSection::tls`]).
+pub fn pg_url_sslmode(key: &str, url: &str) -> Result<(String, Option<PgTlsMode>), ConfigError> {
+    const VERIFY_FULL: &str = "sslmode=verify-full";
+    if url.contains("sslmode=verify-ca") {
+        return Err(ConfigError::key(
+            key,
+            "sslmode=verify-ca is not supported: use sslmode=verify-full (which also checks the host name) or set store.tls",
+        ));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let Some((base, query)) = url.split_once('?') else {
+            return Ok((url.to_string(), None));
+        };
+        let kept: Vec<&str> = query.split('&').filter(|p| *p != VERIFY_FULL).collect();
+        if kept.len() == query.split('&').count() {
+            return Ok((url.to_string(), None));
+        }
+        let url = if kept.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        return Ok((url, Some(PgTlsMode::VerifyFull)));
+    }
+    // Key-value form: drop whitespace-separated `sslmode=verify-full` tokens only, so quoted
+    // values elsewhere stay byte for byte.
+    let mut out = String::with_capacity(url.len());
+    let mut copied = 0;
+    for (at, _) in url.match_indices(VERIFY_FULL) {
+        let end = at + VERIFY_FULL.len();
+        let starts = url[..at]
+            .chars()
+            .next_back()
+            .is_none_or(char::is_whitespace);
+        let ends = url[end..].chars().next().is_none_or(char::is_whitespace);
+        if starts && ends {
+            out.push_str(&url[copied..at]);
+            copied = end;
+        }
+    }
+    if copied == 0 {
+        return Ok((url.to_string(), None));
+    }
+    out.push_str(&url[copied..]);
+    Ok((out, Some(PgTlsMode::VerifyFull)))
+}
+
 /// `[store]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -134,6 +220,13 @@ pub struct StoreSection {
     pub pool_size: usize,
     /// sled page cache, bytes.
     pub sled_cache_bytes: u64,
+    /// TLS to PostgreSQL. Unset: the URL's `sslmode` decides (`require`, `verify-full`),
+    /// and without one the connection is plain (as before this key existed). Set, it wins
+    /// over the URL.
+    pub tls: Option<PgTlsMode>,
+    /// PEM CA certificate(s) that issued the PostgreSQL server's certificate, for
+    /// `verify-full`; unset = the public web roots (managed databases with public CAs).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for StoreSection {
@@ -144,6 +237,8 @@ impl Default for StoreSection {
             url_file: None,
             pool_size: 16,
             sled_cache_bytes: 64 << 20,
+            tls: None,
+            ca_file: None,
         }
     }
 }
@@ -329,6 +424,19 @@ impl Config {
             if self.store.pool_size == 0 {
                 return Err(ConfigError::key("store.pool_size", "must be at least 1"));
             }
+            if let Some(ca) = &self.store.ca_file {
+                if ca.as_os_str().is_empty() {
+                    return Err(ConfigError::key("store.ca_file", "must not be empty"));
+                }
+                if let Some(mode @ (PgTlsMode::Disable | PgTlsMode::Require)) = self.store.tls {
+                    return Err(ConfigError::key(
+                        "store.ca_file",
+                        format!(
+                            "is only used with store.tls = \"verify-full\", but store.tls is \"{mode}\": set store.tls = \"verify-full\" to check the server's certificate, or remove store.ca_file"
+                        ),
+                    ));
+                }
+            }
         }
         let l = &self.limits;
         if l.max_frame_bytes < 1024 {
@@ -423,6 +531,7 @@ impl Config {
 }
 
 fn check_pg_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    let (url, _) = pg_url_sslmode(key, url)?;
     url.parse::<tokio_postgres::Config>()
         .map(|_| ())
         .map_err(|e| {
@@ -548,6 +657,137 @@ mod tests {
         assert!(with(&[("OUTPOST_LIMITS__WS_IDLE_TIMEOUT_SECS", "5")])
             .contains("limits.ws_idle_timeout_secs"));
         assert!(with(&[("OUTPOST_LOG__FORMAT", "xml")]).contains("log.format"));
+    }
+
+    fn postgres(extra: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut all = DEV.to_vec();
+        all.extend_from_slice(&[
+            ("OUTPOST_STORE__KIND", "postgres"),
+            ("OUTPOST_STORE__URL", "postgres://u@db.example:5432/outpost"),
+        ]);
+        all.extend_from_slice(extra);
+        Config::load(None, env(&all))
+    }
+
+    #[test]
+    fn store_tls_keys_parse() {
+        let c = postgres(&[]).unwrap();
+        assert_eq!(c.store.tls, None, "unset: the URL's sslmode decides");
+        assert_eq!(c.store.ca_file, None);
+        let c = postgres(&[
+            ("OUTPOST_STORE__TLS", "verify-full"),
+            ("OUTPOST_STORE__CA_FILE", "/etc/outpost/pg-ca.pem"),
+        ])
+        .unwrap();
+        assert_eq!(c.store.tls, Some(PgTlsMode::VerifyFull));
+        assert_eq!(
+            c.store.ca_file.as_deref(),
+            Some(Path::new("/etc/outpost/pg-ca.pem"))
+        );
+        for (value, mode) in [
+            ("disable", PgTlsMode::Disable),
+            ("require", PgTlsMode::Require),
+        ] {
+            let c = postgres(&[("OUTPOST_STORE__TLS", value)]).unwrap();
+            assert_eq!(c.store.tls, Some(mode));
+            assert_eq!(mode.to_string(), value);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("relay.toml");
+        std::fs::write(
+            &file,
+            "[tls]\ndisabled = true\n[store]\nkind = \"postgres\"\nurl = \"postgres://u@db/x\"\ntls = \"verify-full\"\nca_file = \"/ca.pem\"\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&file), env(&[])).unwrap();
+        assert_eq!(c.store.tls, Some(PgTlsMode::VerifyFull));
+        assert_eq!(c.store.ca_file.as_deref(), Some(Path::new("/ca.pem")));
+    }
+
+    #[test]
+    fn store_tls_errors_name_the_key() {
+        let e = postgres(&[("OUTPOST_STORE__TLS", "verify_full")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("store.tls") && e.contains("verify-full"), "{e}");
+        let e = postgres(&[("OUTPOST_STORE__TLS", "prefer")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("store.tls"), "{e}");
+        for mode in ["disable", "require"] {
+            let e = postgres(&[
+                ("OUTPOST_STORE__TLS", mode),
+                ("OUTPOST_STORE__CA_FILE", "/ca.pem"),
+            ])
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("store.ca_file") && e.contains("verify-full"),
+                "{e}"
+            );
+        }
+        let e = postgres(&[("OUTPOST_STORE__CA_FILE", "")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("store.ca_file"), "{e}");
+        let e = postgres(&[("OUTPOST_STORE__URL", "postgres://u@db/x?sslmode=verify-ca")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("store.url") && e.contains("verify-full"), "{e}");
+        // Unset store.tls with a CA file is left to the URL (sslmode=verify-full); the
+        // store refuses it at connect when the URL does not ask for verification.
+        let c = postgres(&[
+            (
+                "OUTPOST_STORE__URL",
+                "postgres://u@db/x?sslmode=verify-full",
+            ),
+            ("OUTPOST_STORE__CA_FILE", "/ca.pem"),
+        ])
+        .unwrap();
+        assert_eq!(c.store.tls, None);
+    }
+
+    #[test]
+    fn url_sslmode_verify_full_is_taken_out_for_tokio_postgres() {
+        let split = |url: &str| pg_url_sslmode("store.url", url).unwrap();
+        let vf = Some(PgTlsMode::VerifyFull);
+        assert_eq!(
+            split("postgres://u:p@db:5432/x?sslmode=verify-full"),
+            ("postgres://u:p@db:5432/x".to_string(), vf)
+        );
+        assert_eq!(
+            split("postgresql://u@db/x?application_name=r&sslmode=verify-full&connect_timeout=3"),
+            (
+                "postgresql://u@db/x?application_name=r&connect_timeout=3".to_string(),
+                vf
+            )
+        );
+        for same in [
+            "postgres://u@db/x",
+            "postgres://u@db/x?sslmode=require",
+            "postgres://u@db/x?sslmode=disable&application_name=r",
+            "host=db user=u sslmode=require",
+            "host=db password='sslmode=verify-fullx' user=u",
+        ] {
+            assert_eq!(split(same), (same.to_string(), None), "{same}");
+        }
+        assert_eq!(
+            split("host=db user=u sslmode=verify-full dbname=x"),
+            ("host=db user=u  dbname=x".to_string(), vf)
+        );
+        assert_eq!(
+            split("sslmode=verify-full host=db"),
+            (" host=db".to_string(), vf)
+        );
+        let e = pg_url_sslmode("store.url_file", "host=db sslmode=verify-ca").unwrap_err();
+        assert!(e.to_string().contains("store.url_file"), "{e}");
+        // What is left parses.
+        for url in [
+            "postgres://u:p@db:5432/x?sslmode=verify-full",
+            "host=db user=u sslmode=verify-full dbname=x",
+        ] {
+            check_pg_url("store.url", url).unwrap();
+        }
     }
 
     #[test]

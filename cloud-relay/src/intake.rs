@@ -17,7 +17,7 @@
 //! | payload inflating past its claimed size (zstd bomb) | 413 | 1009 | `overflow` |
 //! | more than `limits.max_records_per_batch` | 413 | 1009 | `too_many_records` |
 //! | truncated, garbage, corrupt, bad CBOR | 400 | 1007 | the frame error kind (`truncated`, `bad_magic`, `inflate`, `cbor`, …) |
-//! | a punch that fails validation | 400 | 1007 | `invalid_record` |
+//! | a punch that fails validation | 200: acked, kept in the rejected table (`store`) | — | — |
 //! | store down | 503 + Retry-After | 1013 | `store_unavailable` |
 //!
 //! The commit runs in its own tracked task: a client that disconnects mid-request does not
@@ -231,18 +231,8 @@ async fn process_inner(
             ),
         ));
     }
-    if let Some((r, e)) = batch
-        .records
-        .iter()
-        .find_map(|r| r.punch.validate().err().map(|e| (r, e)))
-    {
-        state.metrics.decode_error("invalid_record");
-        return Err(IntakeError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_record",
-            format!("record gateway_seq {}: {e}", r.gateway_seq),
-        ));
-    }
+    // Punches that fail validation are not refused here: the store keeps them in its
+    // rejected table and acks them, so one bad record cannot stall the gateway's stream.
     let gateway_id = batch.gateway_id;
     let journal_epoch = batch.journal_epoch;
     let store = state.store.clone();
@@ -278,6 +268,14 @@ async fn process_inner(
     state.metrics.records("stored", out.stored);
     state.metrics.records("duplicate", out.duplicates);
     state.metrics.records("conflict", out.conflicts);
+    state.metrics.records("rejected", out.rejected);
+    if out.rejected > 0 {
+        tracing::warn!(
+            gateway = %gateway_id,
+            rejected = out.rejected,
+            "batch held invalid punches; kept in the rejected table (GET /v1/rejected), not stored as punches"
+        );
+    }
     Ok(Ack {
         gateway_id,
         journal_epoch,

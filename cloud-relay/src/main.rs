@@ -116,7 +116,12 @@ fn check_config(cfg: &Config) -> anyhow::Result<()> {
     }
     readers::Readers::load(&cfg.readers_file()).context("auth.readers_file")?;
     if cfg.store.kind == StoreKind::Postgres {
-        cfg.store_url()?;
+        let url = cfg.store_url()?;
+        let tls = outpost_relay::store::postgres::PgTls {
+            mode: cfg.store.tls,
+            ca_file: cfg.store.ca_file.clone(),
+        };
+        outpost_relay::store::postgres::PgStore::check_tls(&url, &tls)?;
     }
     if let Some(f) = &cfg.auth.gateways_file {
         auth::Gateways::load(f).context("auth.gateways_file")?;

@@ -123,10 +123,14 @@ pub async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
         }
         StoreKind::Postgres => {
             let url = cfg.store_url()?;
+            let tls = crate::store::postgres::PgTls {
+                mode: cfg.store.tls,
+                ca_file: cfg.store.ca_file.clone(),
+            };
             Arc::new(
-                PgStore::connect(&url, cfg.store.pool_size)
+                PgStore::connect_with_tls(&url, cfg.store.pool_size, &tls)
                     .await
-                    .context("connect to PostgreSQL (store.url)")?,
+                    .context("connect to PostgreSQL (store.url, store.tls)")?,
             )
         }
     })

@@ -88,24 +88,27 @@ pub fn format_time(ms: i64, offset_min: Option<i16>) -> String {
     let offset = offset_min
         .and_then(|m| UtcOffset::from_whole_seconds(i32::from(m) * 60).ok())
         .unwrap_or(UtcOffset::UTC);
-    match OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000) {
-        Ok(t) => {
-            let t = t.to_offset(offset);
-            let mut s = t
-                .replace_nanosecond(0)
-                .unwrap_or(t)
-                .format(&Rfc3339)
-                .unwrap_or_default();
-            if ms.rem_euclid(1000) != 0 {
-                // Insert ".mmm" before the offset.
-                let frac = format!(".{:03}", ms.rem_euclid(1000));
-                let at = s.rfind(['Z', '+', '-']).unwrap_or(s.len());
-                s.insert_str(at, &frac);
-            }
-            s
-        }
-        Err(_) => ms.to_string(),
+    let Ok(t) = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000) else {
+        return ms.to_string();
+    };
+    let rfc3339 = |t: OffsetDateTime| t.replace_nanosecond(0).unwrap_or(t).format(&Rfc3339).ok();
+    // An offset RFC 3339 cannot express (24 h or more), or one that pushes the local time
+    // past the representable range, is shown in UTC instead; a year RFC 3339 cannot hold
+    // (before 0 or after 9999) as plain Unix ms. (Only invalid punches have these.)
+    let formatted = t
+        .checked_to_offset(offset)
+        .and_then(rfc3339)
+        .or_else(|| rfc3339(t));
+    let Some(mut s) = formatted else {
+        return ms.to_string();
+    };
+    if ms.rem_euclid(1000) != 0 {
+        // Insert ".mmm" before the offset.
+        let frac = format!(".{:03}", ms.rem_euclid(1000));
+        let at = s.rfind(['Z', '+', '-']).unwrap_or(s.len());
+        s.insert_str(at, &frac);
     }
+    s
 }
 
 /// Parses and validates one JSON punch. Every failure names its field.
@@ -267,6 +270,23 @@ mod tests {
         assert_eq!(
             format_time(1_795_327_083_000, Some(-90)),
             "2026-11-22T04:28:03-01:30"
+        );
+        // Any i64 and offset: never a panic (the relay shows invalid records with this).
+        for ms in [i64::MIN, -1, 0, 253_402_300_799_000, i64::MAX] {
+            for off in [
+                None,
+                Some(i16::MIN),
+                Some(-1559),
+                Some(1559),
+                Some(i16::MAX),
+            ] {
+                assert!(!format_time(ms, off).is_empty());
+            }
+        }
+        assert_eq!(
+            format_time(253_402_300_799_000, Some(1080)),
+            "9999-12-31T23:59:59Z",
+            "a local time past year 9999 is shown in UTC"
         );
     }
 }

@@ -8,6 +8,11 @@
 //! run as that user (uid/gid set on the child, so the child pid is the postmaster itself
 //! and can be signalled directly). The server is stopped (fast shutdown) and its files
 //! removed on drop.
+//!
+//! [`PgServer::start_ssl`] serves TLS (`ssl = on`) with a certificate and key the test made
+//! (e.g. [`crate::pki::Pki`]). PostgreSQL refuses a key file that others can read, or that
+//! is owned by anyone but its own user or root, so the key is copied into the server's
+//! temp dir with mode 0600 and handed to the server's user.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -25,6 +30,7 @@ pub struct PgServer {
     port: u16,
     user: Option<(u32, u32)>,
     fsync: bool,
+    ssl: bool,
     proc: Option<ChildProc>,
 }
 
@@ -77,6 +83,16 @@ impl PgServer {
 
     /// initdb + start; `fsync = false` trades crash safety of the OS for speed.
     pub fn start_with(fsync: bool) -> anyhow::Result<PgServer> {
+        PgServer::init(fsync, None)
+    }
+
+    /// Like [`PgServer::start_with`], with `ssl = on` serving `cert_file` (PEM chain) and
+    /// `key_file` (PEM key). Clients may still connect without TLS (pg_hba `host` lines).
+    pub fn start_ssl(fsync: bool, cert_file: &Path, key_file: &Path) -> anyhow::Result<PgServer> {
+        PgServer::init(fsync, Some((cert_file, key_file)))
+    }
+
+    fn init(fsync: bool, ssl: Option<(&Path, &Path)>) -> anyhow::Result<PgServer> {
         let bin = pg_bin_dir()?;
         let dir = tempfile::Builder::new().prefix("outpost-pg-").tempdir()?;
         // SAFETY: geteuid has no preconditions.
@@ -93,6 +109,7 @@ impl PgServer {
             port: free_port(),
             user,
             fsync,
+            ssl: ssl.is_some(),
             proc: None,
         };
         let mut initdb = s.command("initdb");
@@ -112,8 +129,36 @@ impl PgServer {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+        if let Some((cert, key)) = ssl {
+            s.install_ssl_files(cert, key)?;
+        }
         s.start_server()?;
         Ok(s)
+    }
+
+    /// Copies the certificate and key to `server.crt` / `server.key` in the server's dir,
+    /// the key with mode 0600, both owned by the server's user.
+    fn install_ssl_files(&self, cert: &Path, key: &Path) -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let (crt_to, key_to) = (self.ssl_cert_file(), self.ssl_key_file());
+        std::fs::copy(cert, &crt_to)
+            .with_context(|| format!("copy {} to {}", cert.display(), crt_to.display()))?;
+        std::fs::copy(key, &key_to)
+            .with_context(|| format!("copy {} to {}", key.display(), key_to.display()))?;
+        std::fs::set_permissions(&key_to, std::fs::Permissions::from_mode(0o600))?;
+        if let Some((uid, gid)) = self.user {
+            chown_tree(&crt_to, uid, gid)?;
+            chown_tree(&key_to, uid, gid)?;
+        }
+        Ok(())
+    }
+
+    fn ssl_cert_file(&self) -> PathBuf {
+        self.dir.path().join("server.crt")
+    }
+
+    fn ssl_key_file(&self) -> PathBuf {
+        self.dir.path().join("server.key")
     }
 
     fn command(&self, name: &str) -> Command {
@@ -150,6 +195,13 @@ impl PgServer {
                 "-c",
                 &format!("fsync={}", if self.fsync { "on" } else { "off" }),
             ]);
+        if self.ssl {
+            c.args(["-c", "ssl=on"])
+                .arg("-c")
+                .arg(format!("ssl_cert_file={}", self.ssl_cert_file().display()))
+                .arg("-c")
+                .arg(format!("ssl_key_file={}", self.ssl_key_file().display()));
+        }
         let log = self.dir.path().join("postgres.log");
         let proc = ChildProc::spawn("postgres", c, &log);
         self.proc = Some(proc);
@@ -230,6 +282,34 @@ impl PgServer {
             bail!("createdb {name}: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(format!("postgres://outpost@127.0.0.1:{}/{name}", self.port))
+    }
+
+    /// Runs `sql` with `psql` as `outpost` in database `db` over TCP without TLS (so the
+    /// query's own session is easy to tell from the ones under test); returns the
+    /// unaligned, tuples-only output (`|` between columns, one row per line).
+    pub fn psql(&self, db: &str, sql: &str) -> anyhow::Result<String> {
+        let out = Command::new(self.bin.join("psql"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args([
+                "-U",
+                "outpost",
+                "-d",
+                db,
+                "-X",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+            ])
+            .arg("-c")
+            .arg(sql)
+            .env("PGSSLMODE", "disable")
+            .output()
+            .context("run psql")?;
+        if !out.status.success() {
+            bail!("psql {sql:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?.trim().to_string())
     }
 
     /// The server log so far.

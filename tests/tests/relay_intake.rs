@@ -311,17 +311,51 @@ fn bad_frames() -> Vec<(&'static str, Vec<u8>, u16, &'static str)> {
             413,
             "frame_too_large",
         ),
-        (
-            "invalid punch",
-            {
-                let mut r = records(&punches(1..=2), 1);
-                r[1].punch.device_time_ms = 5;
-                zframe(&batch("gw-1", "HC001", 1, r))
-            },
-            400,
-            "invalid_record",
-        ),
     ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_punches_are_acked_and_held_not_stored() {
+    let relay = start(&[]);
+    let token = relay.add_gateway("gw-1", "HC001").unwrap();
+    let base = relay.http_url();
+    let mut r = records(&punches(1..=3), 1);
+    r[1].punch.device_time_ms = 5;
+    let (status, body) =
+        post_frame(&base, Some(&token), zframe(&batch("gw-1", "HC001", 1, r))).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let ack = frame::decode_ack(&body).unwrap();
+    assert_eq!(
+        ack.acked_through, 3,
+        "the stream moves past the invalid record"
+    );
+    let (_, body) = relay.admin_get("/v1/punches").unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let seqs: Vec<u64> = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["gateway_seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![1, 3]);
+    let (status, body) = relay.admin_get("/v1/rejected").unwrap();
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let items = v["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{v}");
+    assert_eq!(items[0]["gateway_seq"], 2);
+    assert_eq!(items[0]["gateway_id"], "gw-1");
+    assert!(items[0]["reason"].as_str().unwrap().contains("time"), "{v}");
+    let (_, body) = relay.admin_get("/v1/gateways").unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["gateways"][0]["rejected"], 1, "{v}");
+    let (_, body) = relay.admin_get("/metrics").unwrap();
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("outpost_relay_records_total{outcome=\"rejected\"} 1")),
+        "{text}"
+    );
 }
 
 const LIMITS: &[(&str, &str)] = &[

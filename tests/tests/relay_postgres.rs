@@ -1,10 +1,13 @@
-//! The real `outpost-relay` on a private PostgreSQL: a database restart during intake, and
-//! two relay processes sharing one database with a gateway alternating between them.
+//! The real `outpost-relay` on a private PostgreSQL: a database restart during intake,
+//! two relay processes sharing one database with a gateway alternating between them, and
+//! TLS to the database (`store.tls`, `store.ca_file`).
 
 use std::time::{Duration, Instant};
 
 use outpost_protocol::frame;
+use outpost_tests::pki::Pki;
 use outpost_tests::postgres::PgServer;
+use outpost_tests::proc::{free_port, ChildProc};
 use outpost_tests::relay::{
     batch, frame as zframe, post_frame, punches, records, ws_connect, ws_reply, ws_send, Relay,
     Reply, StoreKind,
@@ -188,5 +191,126 @@ async fn two_relays_on_one_database_store_exactly_once() {
     assert_eq!(gws[0]["acked_through"], BATCHES * N);
     assert_eq!(gws[1]["acked_through"], 1000 + BATCHES * N);
     drop((a, b));
+    tokio::task::spawn_blocking(move || drop(pg)).await.unwrap();
+}
+
+/// Starts a relay on PostgreSQL `url` with `env` that is expected to fail at start; returns
+/// its exit status and log.
+fn relay_start_failure(url: &str, env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut cmd = std::process::Command::new(Relay::bin());
+    cmd.env_remove("RUST_LOG")
+        .env(
+            "OUTPOST_RELAY__LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .env("OUTPOST_RELAY__DATA_DIR", &data)
+        .env("OUTPOST_TLS__DISABLED", "true")
+        .env("OUTPOST_STORE__KIND", "postgres")
+        .env("OUTPOST_STORE__URL", url)
+        .envs(env.iter().copied())
+        .arg("run");
+    let mut p = ChildProc::spawn("outpost-relay", cmd, &dir.path().join("relay.log"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = p.child.try_wait().unwrap() {
+            return (status, p.log_text());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the relay was expected to fail at start, but it runs:\n{}",
+            p.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Sessions of database `postgres` other than the asking one: (with TLS, without).
+fn sessions_by_tls(pg: &PgServer) -> (u64, u64) {
+    let out = pg
+        .psql(
+            "postgres",
+            "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl) \
+             FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.datname = 'postgres' AND a.backend_type = 'client backend' \
+             AND a.pid <> pg_backend_pid()",
+        )
+        .unwrap();
+    let (tls, plain) = out.split_once('|').unwrap();
+    (tls.parse().unwrap(), plain.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_reaches_postgres_over_verified_tls_only() {
+    let certs = tempfile::tempdir().unwrap();
+    let pki = Pki::new(certs.path(), "pg");
+    let wrong = Pki::new(certs.path(), "wrong");
+    let (cert, key) = (pki.cert_file.clone(), pki.key_file.clone());
+    let pg = tokio::task::spawn_blocking(move || PgServer::start_ssl(false, &cert, &key))
+        .await
+        .unwrap()
+        .unwrap();
+    // store.url names 127.0.0.1: the certificate must carry that address.
+    let ca = pki.ca_file.display().to_string();
+    let relay = Relay::start(
+        StoreKind::Postgres(pg.url()),
+        &[
+            ("OUTPOST_STORE__TLS", "verify-full"),
+            ("OUTPOST_STORE__CA_FILE", &ca),
+        ],
+    )
+    .unwrap();
+    let token = relay.add_gateway("gw-tls", "HCTLS").unwrap();
+    let f = zframe(&batch("gw-tls", "HCTLS", 1, records(&punches(1..=25), 1)));
+    let (s, body) = post_frame(&relay.http_url(), Some(&token), f).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(frame::decode_ack(&body).unwrap().acked_through, 25);
+    let (n, seqs) = count_punches(&relay, "HCTLS");
+    assert_eq!((n, seqs.len()), (25, 25));
+    // The server's view: the relay's pooled sessions are all TLS.
+    let (tls, plain) = sessions_by_tls(&pg);
+    assert!(tls >= 1, "no TLS session from the relay");
+    assert_eq!(plain, 0, "a relay session without TLS");
+
+    // sslmode=require in the URL, store.tls unset: TLS without checking the certificate.
+    let by_url = Relay::start(
+        StoreKind::Postgres(format!("{}?sslmode=require", pg.url())),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(count_punches(&by_url, "HCTLS").0, 25);
+    let (tls_now, plain) = sessions_by_tls(&pg);
+    assert!(tls_now > tls, "the second relay has its own TLS sessions");
+    assert_eq!(plain, 0, "a relay session without TLS");
+    drop(by_url);
+
+    // verify-full against a CA that did not issue the server's certificate: no start.
+    let wrong_ca = wrong.ca_file.display().to_string();
+    let (status, log) = relay_start_failure(
+        &pg.url(),
+        &[
+            ("OUTPOST_STORE__TLS", "verify-full"),
+            ("OUTPOST_STORE__CA_FILE", &wrong_ca),
+        ],
+    );
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("certificate"), "{log}");
+    assert!(log.contains("store.ca_file"), "{log}");
+    drop(relay);
+    tokio::task::spawn_blocking(move || drop(pg)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_refuses_postgres_without_tls_when_tls_is_required() {
+    let pg = tokio::task::spawn_blocking(|| PgServer::start_with(false))
+        .await
+        .unwrap()
+        .unwrap();
+    let (status, log) = relay_start_failure(&pg.url(), &[("OUTPOST_STORE__TLS", "require")]);
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("does not accept TLS"), "{log}");
+    assert!(log.contains("store.tls"), "{log}");
     tokio::task::spawn_blocking(move || drop(pg)).await.unwrap();
 }

@@ -330,6 +330,65 @@ async fn conformance(store: &dyn Store) {
     let mut empty = batch("gw-e", "HC001", 1, vec![]);
     empty.anchors = vec![anchor([1; 16], 1, T0, 1)];
     assert_eq!(store.commit(empty, NOW).await.unwrap().acked_through, 0);
+
+    // Invalid records: acked (the stream moves on), kept in the rejected table with the
+    // reason, never stored as punches; a resend is a duplicate.
+    let mut rs = records(&punches(1..=4), 1);
+    rs[1].punch.device_time_ms = 5;
+    rs[2].punch.utc_offset_min = Some(2000);
+    let out = store
+        .commit(batch("gw-r", "HCR", 3, rs.clone()), NOW)
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.stored, out.rejected, out.duplicates, out.acked_through),
+        (2, 2, 0, 4)
+    );
+    let out = store
+        .commit(batch("gw-r", "HCR", 3, rs), NOW)
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.stored, out.rejected, out.duplicates, out.acked_through),
+        (0, 0, 4, 4)
+    );
+    let held = store.rejected(None, 10).await.unwrap();
+    assert_eq!(held.len(), 2);
+    assert_eq!(
+        held.iter()
+            .map(|x| (
+                x.gateway_id.as_str(),
+                x.site_id.as_str(),
+                x.record.gateway_seq
+            ))
+            .collect::<Vec<_>>(),
+        vec![("gw-r", "HCR", 2), ("gw-r", "HCR", 3)]
+    );
+    assert!(held[0].reason.contains("time"), "{}", held[0].reason);
+    assert!(held[1].reason.contains("offset"), "{}", held[1].reason);
+    assert_eq!(held[0].record.punch.device_time_ms, 5);
+    assert_eq!(held[0].stored_at_ms, NOW);
+    let rest = store.rejected(Some(held[0].id), 10).await.unwrap();
+    assert_eq!(rest, held[1..].to_vec());
+    let site_r = all_punches(
+        store,
+        PunchQuery {
+            site: Some("HCR".into()),
+            ..q(10)
+        },
+    )
+    .await;
+    assert_eq!(
+        site_r
+            .iter()
+            .map(|r| r.record.gateway_seq)
+            .collect::<Vec<_>>(),
+        vec![1, 4]
+    );
+    let gws = store.gateways().await.unwrap();
+    let r = gws.iter().find(|g| g.gateway_id == "gw-r").unwrap();
+    assert_eq!((r.records, r.rejected, r.duplicates), (2, 2, 4));
+    assert_eq!(gws.iter().map(|g| g.rejected).sum::<u64>(), 2);
 }
 
 /// Concurrent commits of the same punches from many gateways: stored exactly once.
@@ -421,7 +480,9 @@ async fn postgres_store_conformance() {
     concurrent_exactly_once(std::sync::Arc::new(store.clone())).await;
     // Migrations are idempotent: a second relay connecting to the same database.
     let again = PgStore::connect(&pg.url(), 2).await.unwrap();
-    assert_eq!(again.gateways().await.unwrap().len(), 5 + 6 + 1);
+    // The conformance pass names 7 gateways (gw-e and gw-r after its list check), the
+    // concurrent pass 6.
+    assert_eq!(again.gateways().await.unwrap().len(), 7 + 6);
     store.close().await.unwrap();
     tokio::task::spawn_blocking(move || drop(pg)).await.unwrap();
 }

@@ -13,6 +13,14 @@
 //!   device that resent) is a *duplicate* if the punch has the same content, and a
 //!   *conflict* otherwise: the first punch stays, the newcomer goes to the conflicts table.
 //!   Either way its primary key is now "stored", so a resend is a duplicate.
+//! - **Invalid records.** A record with a new primary key whose punch fails
+//!   `Punch::validate` (a device id that is not topic-safe, a time or UTC offset out of
+//!   range) is *rejected*: it is kept in the rejected table with the reason, never as a
+//!   punch, and its primary key counts as stored. The gateway validated the punch when it
+//!   took it, so this only happens when a relay is stricter than an old gateway (or a
+//!   gateway is broken); refusing the whole batch instead would stall that gateway's
+//!   stream for ever behind one record. The operator sees it in `/v1/rejected`, in the
+//!   gateway's `rejected` counter and in the `rejected` records metric.
 //! - **Atomicity.** A batch is committed whole or not at all. [`Store::commit`] returns only
 //!   after the commit is durable, with the ack watermark `acked_through`: the highest
 //!   `gateway_seq` such that every record from the start of the stream's first stored range
@@ -95,6 +103,8 @@ pub struct CommitOutcome {
     pub duplicates: u32,
     /// Records whose punch key matched a stored punch with different content.
     pub conflicts: u32,
+    /// Records whose punch failed validation (kept in the rejected table).
+    pub rejected: u32,
     /// Earlier records whose corrected time was filled in by this batch's anchors.
     pub corrected_later: u32,
 }
@@ -213,6 +223,8 @@ pub struct GatewayInfo {
     pub duplicates: u64,
     /// Conflicts received, all epochs.
     pub conflicts: u64,
+    /// Invalid records received (rejected table), all epochs.
+    pub rejected: u64,
 }
 
 impl GatewayInfo {
@@ -227,6 +239,7 @@ impl GatewayInfo {
             "records": self.records,
             "duplicates": self.duplicates,
             "conflicts": self.conflicts,
+            "rejected": self.rejected,
         })
     }
 }
@@ -248,6 +261,30 @@ pub struct ConflictRow {
     pub stored_at_ms: i64,
     /// The cursor of the punch that was kept.
     pub kept_cursor: u64,
+}
+
+/// A record whose punch failed validation, kept for the operator instead of stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedRow {
+    /// Insertion order.
+    pub id: u64,
+    /// The batch's site.
+    pub site_id: Id,
+    /// The gateway that sent it.
+    pub gateway_id: Id,
+    /// Its epoch.
+    pub journal_epoch: u64,
+    /// The record as sent.
+    pub record: Record,
+    /// When the relay received it.
+    pub stored_at_ms: i64,
+    /// Why it is invalid (the validation error).
+    pub reason: String,
+}
+
+/// The validation error of `r`'s punch, as stored in the rejected table; `None` if valid.
+pub fn invalid_reason(r: &Record) -> Option<String> {
+    r.punch.validate().err().map(|e| e.to_string())
 }
 
 /// The relay's storage. Every method is safe to call concurrently; `commit` for one stream
@@ -273,6 +310,13 @@ pub trait Store: Send + Sync + 'static {
         after: Option<u64>,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<ConflictRow>, StoreError>>;
+
+    /// Rejected (invalid) records after `after` (their `id`), oldest first, at most `limit`.
+    fn rejected(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<RejectedRow>, StoreError>>;
 
     /// Succeeds when the store can take commits now.
     fn ready(&self) -> BoxFuture<'_, Result<(), StoreError>>;

@@ -6,6 +6,7 @@
 //!   stream that delivered it first, the record's fields, `stored_at_ms` and
 //!   `corrected_ms`. `id` (identity) is the query cursor.
 //! - `conflicts`: newcomers whose punch key matched different content, with `kept_id`.
+//! - `rejected` (migration 2): records whose punch failed validation, with the `reason`.
 //! - `streams`: per `(gateway_id, journal_epoch)`, the stored gateway_seq ranges, flat
 //!   (`[lo0, hi0, lo1, hi1, …]`). This is the primary-key index: a record whose seq is in a
 //!   range is a duplicate.
@@ -25,7 +26,8 @@
 //! 3. insert the new punches with `ON CONFLICT (site_id, device_id, device_seq) DO NOTHING
 //!    RETURNING`; the punches that were not inserted are read back and compared (duplicate
 //!    or conflict);
-//! 4. insert conflicts; write the new ranges; bump the gateway counters; commit.
+//! 4. insert conflicts and rejected records; write the new ranges; bump the gateway
+//!    counters; commit.
 //!
 //! A failure anywhere rolls the whole batch back: nothing is acked, the gateway resends.
 //! Deadlocks and serialisation failures (two gateways inserting the same punches in
@@ -44,12 +46,15 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use super::{
-    best_anchors, corrected_time, BoxFuture, CommitOutcome, ConflictRow, GatewayInfo, PunchPage,
-    PunchQuery, PunchRow, SeqRanges, Store, StoreError, MAX_RANGES,
+    best_anchors, corrected_time, invalid_reason, BoxFuture, CommitOutcome, ConflictRow,
+    GatewayInfo, PunchPage, PunchQuery, PunchRow, RejectedRow, SeqRanges, Store, StoreError,
+    MAX_RANGES,
 };
+use crate::config::PgTlsMode;
 
 /// Schema migrations, applied in order; index + 1 is the version.
-pub const MIGRATIONS: &[&str] = &[r#"
+pub const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE punches (
     id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     site_id        text     NOT NULL,
@@ -119,7 +124,33 @@ CREATE TABLE anchors (
     uncertainty_ms bigint NOT NULL,
     PRIMARY KEY (gateway_id, boot_id)
 );
-"#];
+"#,
+    // 2: invalid records are kept instead of refusing their batch.
+    r#"
+CREATE TABLE rejected (
+    id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    reason         text     NOT NULL,
+    site_id        text     NOT NULL,
+    device_id      text     NOT NULL,
+    device_seq     bigint   NOT NULL,
+    subject_id     text     NOT NULL,
+    kind           smallint NOT NULL,
+    verify         smallint NOT NULL,
+    device_time_ms bigint   NOT NULL,
+    utc_offset_min smallint,
+    gateway_id     text     NOT NULL,
+    journal_epoch  bigint   NOT NULL,
+    gateway_seq    bigint   NOT NULL,
+    boot_id        bytea    NOT NULL,
+    mono_ms        bigint   NOT NULL,
+    wall_ms        bigint   NOT NULL,
+    clock_synced   boolean  NOT NULL,
+    source         smallint NOT NULL,
+    stored_at_ms   bigint   NOT NULL
+);
+ALTER TABLE gateways ADD COLUMN rejected bigint NOT NULL DEFAULT 0;
+"#,
+];
 
 /// Advisory lock key that serialises migrations of relays starting together.
 const MIGRATION_LOCK: i64 = 0x6f75_7470_6f73_7431;
@@ -265,12 +296,259 @@ pub struct PgStore {
     pool: Pool,
 }
 
+/// TLS settings for [`PgStore::connect_with_tls`]: `store.tls` and `store.ca_file`.
+#[derive(Debug, Clone, Default)]
+pub struct PgTls {
+    /// `store.tls`; `None` lets the URL's `sslmode` decide (no TLS without one).
+    pub mode: Option<PgTlsMode>,
+    /// `store.ca_file`: PEM CA certificate(s) for `verify-full`; `None` trusts the public
+    /// web roots (webpki-roots), which managed databases with public certificates need.
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+/// The URL for tokio-postgres and the TLS mode in force: `tls.mode`, else the URL's
+/// `sslmode` (`verify-full`, `require`), else `disable`.
+fn resolve_tls(url: &str, tls: &PgTls) -> Result<(String, PgTlsMode), StoreError> {
+    let bad_url = |e: String| StoreError::Unavailable(format!("store.url is not usable: {e}"));
+    let (url, verify_full) =
+        crate::config::pg_url_sslmode("store.url", url).map_err(|e| bad_url(e.to_string()))?;
+    let parsed: tokio_postgres::Config = url.parse().map_err(|e| bad_url(format!("{e}")))?;
+    let from_url = match (verify_full, parsed.get_ssl_mode()) {
+        (Some(m), _) => Some(m),
+        (None, tokio_postgres::config::SslMode::Require) => Some(PgTlsMode::Require),
+        // `prefer` is tokio-postgres's default, so it cannot tell "prefer" from "not
+        // given"; both stay plain, as before `store.tls` existed.
+        (None, _) => None,
+    };
+    let mode = tls.mode.or(from_url).unwrap_or(PgTlsMode::Disable);
+    if let (Some(set), Some(asked)) = (tls.mode, from_url) {
+        if set != asked {
+            tracing::warn!("store.tls = \"{set}\" overrides sslmode={asked} in store.url");
+        }
+    }
+    if tls.ca_file.is_some() && mode != PgTlsMode::VerifyFull {
+        return Err(StoreError::Unavailable(format!(
+            "store.ca_file is set, but the server's certificate is not checked (TLS mode \
+             \"{mode}\"): set store.tls = \"verify-full\", or remove store.ca_file"
+        )));
+    }
+    let hosts = parsed.get_hosts();
+    let tcp = hosts
+        .iter()
+        .any(|h| matches!(h, tokio_postgres::config::Host::Tcp(_)));
+    if mode != PgTlsMode::Disable && !tcp {
+        return Err(StoreError::Unavailable(format!(
+            "TLS mode \"{mode}\" (store.tls, or sslmode in store.url) needs a TCP host in \
+             store.url, and it names a Unix socket, where PostgreSQL does not offer TLS: \
+             set store.tls = \"disable\" for a local socket"
+        )));
+    }
+    if mode == PgTlsMode::Disable {
+        let remote = hosts.iter().any(|h| match h {
+            tokio_postgres::config::Host::Tcp(name) => {
+                name != "localhost"
+                    && !name
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+            tokio_postgres::config::Host::Unix(_) => false,
+        });
+        if remote {
+            tracing::warn!(
+                "PostgreSQL connections are not encrypted: the password and the punches \
+                 cross the network readable; set store.tls = \"verify-full\" (or \"require\")"
+            );
+        }
+    }
+    Ok((url, mode))
+}
+
+/// The rustls connector for `mode`, or `None` for plain TCP.
+fn tls_connector(
+    mode: PgTlsMode,
+    ca_file: Option<&std::path::Path>,
+) -> Result<Option<tokio_postgres_rustls::MakeRustlsConnect>, StoreError> {
+    Ok(tls_client_config(mode, ca_file)?.map(tokio_postgres_rustls::MakeRustlsConnect::new))
+}
+
+/// The rustls client config for `mode` (ring provider only), or `None` for plain TCP.
+fn tls_client_config(
+    mode: PgTlsMode,
+    ca_file: Option<&std::path::Path>,
+) -> Result<Option<rustls::ClientConfig>, StoreError> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::Unavailable(format!("TLS for PostgreSQL: {e}")))?;
+    let mut config = match mode {
+        PgTlsMode::Disable => return Ok(None),
+        PgTlsMode::Require => builder
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(AnyServerCert(provider)))
+            .with_no_client_auth(),
+        PgTlsMode::VerifyFull => builder
+            .with_root_certificates(pg_roots(ca_file)?)
+            .with_no_client_auth(),
+    };
+    // PostgreSQL 17 requires this ALPN name when it is offered one; older servers ignore it.
+    config.alpn_protocols = vec![b"postgresql".to_vec()];
+    Ok(Some(config))
+}
+
+/// The trust anchors for `verify-full`: `store.ca_file`, or the public web roots.
+fn pg_roots(ca_file: Option<&std::path::Path>) -> Result<rustls::RootCertStore, StoreError> {
+    let Some(path) = ca_file else {
+        return Ok(rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        });
+    };
+    let bad =
+        |what: &str| StoreError::Unavailable(format!("store.ca_file {}: {what}", path.display()));
+    let file = std::fs::File::open(path).map_err(|e| bad(&e.to_string()))?;
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(file))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(&format!("is not PEM ({e})")))?;
+    if certs.is_empty() {
+        return Err(bad(
+            "holds no PEM certificate; put the CA certificate(s) that issued the PostgreSQL \
+             server's certificate there",
+        ));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certs {
+        roots
+            .add(cert)
+            .map_err(|e| bad(&format!("holds an unusable CA certificate ({e})")))?;
+    }
+    Ok(roots)
+}
+
+/// `store.tls = "require"` (libpq's `sslmode=require`): any server certificate is
+/// accepted, as libpq does, but the handshake signatures are still verified, so the
+/// session is encrypted to whoever holds the presented certificate's key.
+#[derive(Debug)]
+struct AnyServerCert(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServerCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The first connection's error, with the key to change for TLS failures.
+fn connect_err(e: deadpool_postgres::PoolError, mode: PgTlsMode) -> StoreError {
+    let deadpool_postgres::PoolError::Backend(pg) = &e else {
+        return pool_err(e);
+    };
+    // tokio-postgres's Display omits the cause ("error performing TLS handshake").
+    let mut text = pg.to_string();
+    let mut cert_rejected = false;
+    let mut source = std::error::Error::source(pg);
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        let rustls_err = s
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .or_else(|| s.downcast_ref::<rustls::Error>());
+        if let Some(rustls::Error::InvalidCertificate(_)) = rustls_err {
+            cert_rejected = true;
+        }
+        source = s.source();
+    }
+    StoreError::Unavailable(if text.contains("server does not support TLS") {
+        format!(
+            "the PostgreSQL server does not accept TLS, but store.tls (or sslmode in \
+             store.url) is \"{mode}\": turn ssl on in the server's postgresql.conf, or set \
+             store.tls = \"disable\" only if the database is on this host or a trusted \
+             network ({text})"
+        )
+    } else if cert_rejected {
+        format!(
+            "the PostgreSQL server's certificate was rejected (TLS mode \"{mode}\" from \
+             store.tls or sslmode in store.url): {text}; set store.ca_file to the CA \
+             certificate that issued it, and check that it names the host in store.url"
+        )
+    } else if mode == PgTlsMode::Disable && text.contains("no encryption") {
+        format!(
+            "the PostgreSQL server requires TLS (pg_hba.conf hostssl): set store.tls = \
+             \"verify-full\" (or \"require\") ({text})"
+        )
+    } else {
+        format!(
+            "cannot connect to PostgreSQL (check store.url, store.tls and that the server \
+             is up): {text}"
+        )
+    })
+}
+
 impl PgStore {
     /// Connects to `url` with a pool of `max_connections`, and applies pending migrations
-    /// in one transaction (serialised across relays by an advisory lock).
+    /// in one transaction (serialised across relays by an advisory lock). TLS follows the
+    /// URL's `sslmode` (see [`PgStore::connect_with_tls`] with no `store.tls`).
     pub async fn connect(url: &str, max_connections: usize) -> Result<Self, StoreError> {
+        PgStore::connect_with_tls(url, max_connections, &PgTls::default()).await
+    }
+
+    /// Like [`PgStore::connect`], with TLS settings from `store.tls` and `store.ca_file`.
+    ///
+    /// The mode in force is `tls.mode` when set, else the URL's `sslmode` (`require` or
+    /// `verify-full`), else no TLS. With TLS the connection never falls back to plain
+    /// TCP: a server without TLS is an error, not a downgrade.
+    pub async fn connect_with_tls(
+        url: &str,
+        max_connections: usize,
+        tls: &PgTls,
+    ) -> Result<Self, StoreError> {
+        let (url, mode) = resolve_tls(url, tls)?;
+        let connector = tls_connector(mode, tls.ca_file.as_deref())?;
         let mut cfg = deadpool_postgres::Config::new();
-        cfg.url = Some(url.to_string());
+        cfg.url = Some(url);
+        // Overrides the URL's sslmode: tokio-postgres's default (`prefer`) would silently
+        // fall back to plain TCP when the server (or an attacker) declines TLS.
+        cfg.ssl_mode = Some(match mode {
+            PgTlsMode::Disable => deadpool_postgres::SslMode::Disable,
+            PgTlsMode::Require | PgTlsMode::VerifyFull => deadpool_postgres::SslMode::Require,
+        });
         cfg.connect_timeout = Some(Duration::from_secs(5));
         cfg.manager = Some(ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
@@ -282,12 +560,27 @@ impl PgStore {
             recycle: Some(Duration::from_secs(5)),
         };
         cfg.pool = Some(pc);
-        let pool = cfg
-            .create_pool(Some(Runtime::Tokio1), NoTls)
-            .map_err(|e| StoreError::Unavailable(format!("store.url is not usable: {e}")))?;
+        // The connector types differ, the pool type does not.
+        let pool = match connector {
+            None => cfg.create_pool(Some(Runtime::Tokio1), NoTls),
+            Some(rustls) => cfg.create_pool(Some(Runtime::Tokio1), rustls),
+        }
+        .map_err(|e| StoreError::Unavailable(format!("store.url is not usable: {e}")))?;
+        // The first connection is made here, so that a TLS failure is reported with the
+        // key to change rather than as a generic pool error from the migration.
+        drop(pool.get().await.map_err(|e| connect_err(e, mode))?);
+        tracing::info!(tls = %mode, "connected to PostgreSQL");
         let store = PgStore { pool };
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// Checks `store.tls` and `store.ca_file` for `url` without connecting (for
+    /// `check-config`): the CA file must hold PEM certificates. Returns the mode in force.
+    pub fn check_tls(url: &str, tls: &PgTls) -> Result<PgTlsMode, StoreError> {
+        let (_, mode) = resolve_tls(url, tls)?;
+        tls_connector(mode, tls.ca_file.as_deref())?;
+        Ok(mode)
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -422,6 +715,21 @@ impl PgStore {
             .filter(|r| !ranges.contains(r.gateway_seq))
             .collect();
         out.duplicates += (batch.records.len() - candidates.len()) as u32;
+        // Invalid records go to the rejected table (store module docs), never to punches.
+        let mut rejected = Columns::default();
+        let mut reasons: Vec<String> = Vec::new();
+        let candidates: Vec<&Record> = candidates
+            .into_iter()
+            .filter(|r| match invalid_reason(r) {
+                Some(reason) => {
+                    rejected.push(r, None);
+                    reasons.push(reason);
+                    false
+                }
+                None => true,
+            })
+            .collect();
+        out.rejected = reasons.len() as u32;
         let mut first: HashMap<(&str, u64), &Record> = HashMap::new();
         for r in &candidates {
             first
@@ -573,6 +881,44 @@ impl PgStore {
             )
             .await?;
         }
+        if !reasons.is_empty() {
+            let st = tx
+                .prepare_cached(
+                    "INSERT INTO rejected (site_id, gateway_id, journal_epoch, stored_at_ms, \
+                     device_id, device_seq, subject_id, kind, verify, device_time_ms, utc_offset_min, \
+                     gateway_seq, boot_id, mono_ms, wall_ms, clock_synced, source, reason) \
+                     SELECT $1, $2, $3, $4, * FROM UNNEST($5::text[], $6::bigint[], $7::text[], \
+                     $8::smallint[], $9::smallint[], $10::bigint[], $11::smallint[], $12::bigint[], \
+                     $13::bytea[], $14::bigint[], $15::bigint[], $16::boolean[], $17::smallint[], \
+                     $18::text[])",
+                )
+                .await?;
+            let c = &rejected;
+            tx.execute(
+                &st,
+                &[
+                    &site,
+                    &gw,
+                    &epoch,
+                    &now_ms,
+                    &c.device_id,
+                    &c.device_seq,
+                    &c.subject_id,
+                    &c.kind,
+                    &c.verify,
+                    &c.device_time_ms,
+                    &c.utc_offset_min,
+                    &c.gateway_seq,
+                    &c.boot_id,
+                    &c.mono_ms,
+                    &c.wall_ms,
+                    &c.clock_synced,
+                    &c.source,
+                    &reasons,
+                ],
+            )
+            .await?;
+        }
         if let (Some(f), Some(l)) = (batch.records.first(), batch.records.last()) {
             ranges.insert(f.gateway_seq, l.gateway_seq);
             if ranges.len() > MAX_RANGES {
@@ -592,25 +938,27 @@ impl PgStore {
         let st_gw = tx
             .prepare_cached(
                 "INSERT INTO gateways (gateway_id, site_id, last_seen_ms, journal_epoch, records, \
-                 duplicates, conflicts) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                 duplicates, conflicts, rejected) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
                  ON CONFLICT (gateway_id) DO UPDATE SET site_id = EXCLUDED.site_id, \
                  last_seen_ms = EXCLUDED.last_seen_ms, journal_epoch = EXCLUDED.journal_epoch, \
                  records = gateways.records + EXCLUDED.records, \
                  duplicates = gateways.duplicates + EXCLUDED.duplicates, \
-                 conflicts = gateways.conflicts + EXCLUDED.conflicts",
+                 conflicts = gateways.conflicts + EXCLUDED.conflicts, \
+                 rejected = gateways.rejected + EXCLUDED.rejected",
             )
             .await?;
-        let (stored, dups, confl) = (
+        let (stored, dups, confl, rej) = (
             i64::from(out.stored),
             i64::from(out.duplicates),
             i64::from(out.conflicts),
+            i64::from(out.rejected),
         );
         // Both statements are pipelined on the one connection.
         futures_util::future::try_join(
             tx.execute(&st_ranges, &[&gw, &epoch, &flat]),
             tx.execute(
                 &st_gw,
-                &[&gw, &site, &now_ms, &epoch, &stored, &dups, &confl],
+                &[&gw, &site, &now_ms, &epoch, &stored, &dups, &confl, &rej],
             ),
         )
         .await?;
@@ -676,7 +1024,7 @@ impl PgStore {
         let rows = client
             .query(
                 "SELECT g.gateway_id, g.site_id, g.last_seen_ms, g.journal_epoch, g.records, \
-                 g.duplicates, g.conflicts, s.ranges FROM gateways g LEFT JOIN streams s \
+                 g.duplicates, g.conflicts, s.ranges, g.rejected FROM gateways g LEFT JOIN streams s \
                  ON s.gateway_id = g.gateway_id AND s.journal_epoch = g.journal_epoch \
                  ORDER BY g.gateway_id",
                 &[],
@@ -701,6 +1049,7 @@ impl PgStore {
                     records: r.try_get::<_, i64>(4).map_err(pg_err)? as u64,
                     duplicates: r.try_get::<_, i64>(5).map_err(pg_err)? as u64,
                     conflicts: r.try_get::<_, i64>(6).map_err(pg_err)? as u64,
+                    rejected: r.try_get::<_, i64>(8).map_err(pg_err)? as u64,
                 })
             })
             .collect()
@@ -734,6 +1083,39 @@ impl PgStore {
                     record,
                     stored_at_ms,
                     kept_cursor: row.try_get::<_, i64>(18).map_err(pg_err)? as u64,
+                })
+            })
+            .collect()
+    }
+
+    async fn query_rejected(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<RejectedRow>, StoreError> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let after = after.map_or(0, |a| a.min(i64::MAX as u64) as i64);
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT id, {RECORD_COLS}, reason FROM rejected WHERE id > $1 ORDER BY id LIMIT $2"
+                ),
+                &[&after, &(limit as i64)],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter()
+            .map(|row| {
+                let (site_id, gateway_id, journal_epoch, record, stored_at_ms) =
+                    row_to_record(row, 1)?;
+                Ok(RejectedRow {
+                    id: row.try_get::<_, i64>(0).map_err(pg_err)? as u64,
+                    site_id,
+                    gateway_id,
+                    journal_epoch,
+                    record,
+                    stored_at_ms,
+                    reason: row.try_get(18).map_err(pg_err)?,
                 })
             })
             .collect()
@@ -802,6 +1184,14 @@ impl Store for PgStore {
         Box::pin(self.query_conflicts(after, limit))
     }
 
+    fn rejected(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<RejectedRow>, StoreError>> {
+        Box::pin(self.query_rejected(after, limit))
+    }
+
     fn ready(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
             let client = self.pool.get().await.map_err(pool_err)?;
@@ -815,5 +1205,214 @@ impl Store for PgStore {
             self.pool.close();
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tls_tests {
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+
+    use super::{resolve_tls, tls_client_config, PgTls, PgTlsMode};
+
+    /// A CA (written as PEM to `dir/<name>.pem`) and a server config whose certificate,
+    /// issued by that CA, names `db.test` and 127.0.0.1.
+    fn ca_and_server(dir: &Path, name: &str) -> (PathBuf, Arc<rustls::ServerConfig>) {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, name);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["db.test".to_string(), "127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        let ca_file = dir.join(format!("{name}.pem"));
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .unwrap();
+        server.alpn_protocols = vec![b"postgresql".to_vec()];
+        (ca_file, Arc::new(server))
+    }
+
+    /// An in-memory handshake; the client's error when it refuses the server.
+    fn handshake(
+        client: rustls::ClientConfig,
+        server: Arc<rustls::ServerConfig>,
+        name: &str,
+    ) -> Result<Option<Vec<u8>>, rustls::Error> {
+        let name = ServerName::try_from(name.to_string()).unwrap();
+        let mut c = rustls::ClientConnection::new(Arc::new(client), name).unwrap();
+        let mut s = rustls::ServerConnection::new(server).unwrap();
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                s.read_tls(&mut rd).unwrap();
+            }
+            s.process_new_packets().unwrap();
+            buf.clear();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                c.read_tls(&mut rd).unwrap();
+            }
+            c.process_new_packets()?;
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return Ok(c.alpn_protocol().map(<[u8]>::to_vec));
+            }
+        }
+        panic!("the handshake did not finish");
+    }
+
+    fn client(mode: PgTlsMode, ca_file: Option<&Path>) -> rustls::ClientConfig {
+        tls_client_config(mode, ca_file).unwrap().unwrap()
+    }
+
+    fn cert_error(r: Result<Option<Vec<u8>>, rustls::Error>) -> rustls::CertificateError {
+        match r {
+            Err(rustls::Error::InvalidCertificate(e)) => e,
+            other => panic!("expected a certificate error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn verify_full_checks_the_issuer_and_the_host_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, server) = ca_and_server(dir.path(), "ca");
+        let (other_ca, _) = ca_and_server(dir.path(), "other");
+        let alpn = handshake(
+            client(PgTlsMode::VerifyFull, Some(&ca)),
+            server.clone(),
+            "db.test",
+        );
+        assert_eq!(alpn.unwrap().as_deref(), Some(&b"postgresql"[..]));
+        handshake(
+            client(PgTlsMode::VerifyFull, Some(&ca)),
+            server.clone(),
+            "127.0.0.1",
+        )
+        .unwrap();
+        let e = cert_error(handshake(
+            client(PgTlsMode::VerifyFull, Some(&ca)),
+            server.clone(),
+            "other.test",
+        ));
+        assert!(
+            matches!(
+                e,
+                rustls::CertificateError::NotValidForName
+                    | rustls::CertificateError::NotValidForNameContext { .. }
+            ),
+            "{e:?}"
+        );
+        let e = cert_error(handshake(
+            client(PgTlsMode::VerifyFull, Some(&other_ca)),
+            server.clone(),
+            "db.test",
+        ));
+        assert_eq!(e, rustls::CertificateError::UnknownIssuer);
+        // Without store.ca_file: the public web roots, which did not issue a test CA.
+        let e = cert_error(handshake(
+            client(PgTlsMode::VerifyFull, None),
+            server,
+            "db.test",
+        ));
+        assert_eq!(e, rustls::CertificateError::UnknownIssuer);
+    }
+
+    #[test]
+    fn require_encrypts_without_checking_the_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, server) = ca_and_server(dir.path(), "ca");
+        handshake(client(PgTlsMode::Require, None), server.clone(), "db.test").unwrap();
+        handshake(client(PgTlsMode::Require, None), server, "other.test").unwrap();
+        assert!(tls_client_config(PgTlsMode::Disable, None)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn ca_file_errors_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let e = tls_client_config(PgTlsMode::VerifyFull, Some(&missing)).unwrap_err();
+        assert!(e.to_string().contains("store.ca_file"), "{e}");
+        assert!(e.to_string().contains("missing.pem"), "{e}");
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate\n").unwrap();
+        let e = tls_client_config(PgTlsMode::VerifyFull, Some(&junk)).unwrap_err();
+        assert!(e.to_string().contains("store.ca_file"), "{e}");
+        assert!(e.to_string().contains("no PEM certificate"), "{e}");
+    }
+
+    #[test]
+    fn store_tls_wins_over_the_url_sslmode() {
+        let resolve = |url: &str, mode: Option<PgTlsMode>, ca: Option<&str>| {
+            let tls = PgTls {
+                mode,
+                ca_file: ca.map(PathBuf::from),
+            };
+            resolve_tls(url, &tls)
+        };
+        let base = "postgres://u@127.0.0.1:5432/x";
+        let mode = |url: &str, set: Option<PgTlsMode>| resolve(url, set, None).unwrap().1;
+        assert_eq!(mode(base, None), PgTlsMode::Disable);
+        assert_eq!(
+            mode(&format!("{base}?sslmode=prefer"), None),
+            PgTlsMode::Disable
+        );
+        assert_eq!(
+            mode(&format!("{base}?sslmode=require"), None),
+            PgTlsMode::Require
+        );
+        let (url, m) = resolve(&format!("{base}?sslmode=verify-full"), None, None).unwrap();
+        assert_eq!((url.as_str(), m), (base, PgTlsMode::VerifyFull));
+        let require = format!("{base}?sslmode=require");
+        assert_eq!(mode(&require, Some(PgTlsMode::Disable)), PgTlsMode::Disable);
+        assert_eq!(
+            mode(&require, Some(PgTlsMode::VerifyFull)),
+            PgTlsMode::VerifyFull
+        );
+        let verify = format!("{base}?sslmode=verify-full");
+        assert_eq!(mode(&verify, Some(PgTlsMode::Require)), PgTlsMode::Require);
+        assert_eq!(mode(base, Some(PgTlsMode::Require)), PgTlsMode::Require);
+        // A CA file needs verification in force, from either place.
+        resolve(&verify, None, Some("/ca.pem")).unwrap();
+        resolve(base, Some(PgTlsMode::VerifyFull), Some("/ca.pem")).unwrap();
+        let e = resolve(&require, None, Some("/ca.pem")).unwrap_err();
+        assert!(e.to_string().contains("store.ca_file"), "{e}");
+        // PostgreSQL offers no TLS on a Unix socket.
+        let e = resolve(
+            "host=/run/postgresql dbname=x",
+            Some(PgTlsMode::Require),
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("store.tls"), "{e}");
+        assert_eq!(
+            resolve("host=/run/postgresql dbname=x", None, None)
+                .unwrap()
+                .1,
+            PgTlsMode::Disable
+        );
     }
 }

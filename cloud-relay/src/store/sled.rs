@@ -15,6 +15,7 @@
 //! | `a` gateway boot_id | the best [`TimeAnchor`] of that boot |
 //! | `w` gateway boot_id row_id | empty: the row still waits for a corrected time |
 //! | `c` conflict_id | [`StoredConflict`] |
+//! | `r` rejected_id | [`StoredRejected`]: an invalid record (module docs of `store`) |
 //!
 //! ## Commit and failures
 //!
@@ -38,8 +39,9 @@ use minicbor::{Decode, Encode};
 use outpost_protocol::{Batch, BootId, Id, Punch, Record, TimeAnchor};
 
 use super::{
-    best_anchors, corrected_time, BoxFuture, CommitOutcome, ConflictRow, GatewayInfo, PunchPage,
-    PunchQuery, PunchRow, SeqRanges, Store, StoreError, MAX_RANGES,
+    best_anchors, corrected_time, invalid_reason, BoxFuture, CommitOutcome, ConflictRow,
+    GatewayInfo, PunchPage, PunchQuery, PunchRow, RejectedRow, SeqRanges, Store, StoreError,
+    MAX_RANGES,
 };
 
 /// A stored punch (value of a `p` key).
@@ -81,6 +83,9 @@ struct GatewayStats {
     duplicates: u64,
     #[n(5)]
     conflicts: u64,
+    /// Absent in stores written before invalid records were kept (read as 0).
+    #[n(6)]
+    rejected: Option<u64>,
 }
 
 /// A conflicting newcomer (value of a `c` key).
@@ -107,6 +112,24 @@ const T_GATEWAY: u8 = b'g';
 const T_ANCHOR: u8 = b'a';
 const T_WAITING: u8 = b'w';
 const T_CONFLICT: u8 = b'c';
+const T_REJECTED: u8 = b'r';
+
+/// An invalid record (value of an `r` key).
+#[derive(Debug, Clone, Encode, Decode)]
+struct StoredRejected {
+    #[n(0)]
+    site_id: Id,
+    #[n(1)]
+    gateway_id: Id,
+    #[n(2)]
+    journal_epoch: u64,
+    #[n(3)]
+    record: Record,
+    #[n(4)]
+    stored_at_ms: i64,
+    #[n(5)]
+    reason: String,
+}
 
 fn push_id(k: &mut Vec<u8>, id: &str) {
     // Ids are at most 64 bytes (outpost_protocol::MAX_ID_LEN), so the length fits a byte.
@@ -304,6 +327,20 @@ impl Inner {
                 out.duplicates += 1;
                 continue;
             }
+            if let Some(reason) = invalid_reason(r) {
+                let x = StoredRejected {
+                    site_id: batch.site_id,
+                    gateway_id: batch.gateway_id,
+                    journal_epoch: batch.journal_epoch,
+                    record: *r,
+                    stored_at_ms: now_ms,
+                    reason,
+                };
+                let rid = self.db.generate_id().map_err(io)?;
+                w.insert(key_u64(T_REJECTED, rid), enc(&x));
+                out.rejected += 1;
+                continue;
+            }
             let pk = punch_key(&batch.site_id, &r.punch);
             let existing = match fresh.get(&pk) {
                 Some(&(id, p)) => Some((id, p)),
@@ -398,6 +435,7 @@ impl Inner {
         stats.records += u64::from(out.stored);
         stats.duplicates += u64::from(out.duplicates);
         stats.conflicts += u64::from(out.conflicts);
+        stats.rejected = Some(stats.rejected.unwrap_or(0) + u64::from(out.rejected));
         w.insert(gkey, enc(&stats));
 
         self.tree.apply_batch(w).map_err(io)?;
@@ -458,6 +496,7 @@ impl Inner {
                 records: s.records,
                 duplicates: s.duplicates,
                 conflicts: s.conflicts,
+                rejected: s.rejected.unwrap_or(0),
             });
         }
         out.sort_by(|a, b| a.gateway_id.cmp(&b.gateway_id));
@@ -481,6 +520,28 @@ impl Inner {
                 record: c.record,
                 stored_at_ms: c.stored_at_ms,
                 kept_cursor: c.kept_cursor,
+            });
+        }
+        Ok(out)
+    }
+
+    fn rejected(&self, after: Option<u64>, limit: usize) -> Result<Vec<RejectedRow>, StoreError> {
+        let start = key_u64(T_REJECTED, after.map_or(0, |a| a.saturating_add(1)));
+        let mut out = Vec::new();
+        for item in self.tree.range(start..vec![T_REJECTED + 1]) {
+            if out.len() == limit {
+                break;
+            }
+            let (k, v) = item.map_err(io)?;
+            let x: StoredRejected = dec("rejected record", &v)?;
+            out.push(RejectedRow {
+                id: be_u64("rejected key", &k[1..])?,
+                site_id: x.site_id,
+                gateway_id: x.gateway_id,
+                journal_epoch: x.journal_epoch,
+                record: x.record,
+                stored_at_ms: x.stored_at_ms,
+                reason: x.reason,
             });
         }
         Ok(out)
@@ -520,6 +581,14 @@ impl Store for SledStore {
         Box::pin(self.blocking(move |i| i.conflicts(after, limit)))
     }
 
+    fn rejected(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<RejectedRow>, StoreError>> {
+        Box::pin(self.blocking(move |i| i.rejected(after, limit)))
+    }
+
     fn ready(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
             // An embedded store is ready once open; check that it still answers reads.
@@ -533,5 +602,41 @@ impl Store for SledStore {
             self.inner.db.flush_async().await.map_err(io)?;
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `GatewayStats` as written before the `rejected` counter existed.
+    #[derive(Encode)]
+    struct GatewayStatsV1 {
+        #[n(0)]
+        site_id: String,
+        #[n(1)]
+        last_seen_ms: i64,
+        #[n(2)]
+        journal_epoch: u64,
+        #[n(3)]
+        records: u64,
+        #[n(4)]
+        duplicates: u64,
+        #[n(5)]
+        conflicts: u64,
+    }
+
+    #[test]
+    fn gateway_stats_written_before_rejected_existed_still_decode() {
+        let old = enc(&GatewayStatsV1 {
+            site_id: "HC001".into(),
+            last_seen_ms: 7,
+            journal_epoch: 3,
+            records: 10,
+            duplicates: 2,
+            conflicts: 1,
+        });
+        let s: GatewayStats = dec("gateway stats", &old).unwrap();
+        assert_eq!((s.records, s.conflicts, s.rejected), (10, 1, None));
     }
 }
