@@ -23,7 +23,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use outpost_protocol::json::{format_time, parse_time, punch_to_json};
+use outpost_protocol::json::{format_time, parse_time};
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -332,29 +332,39 @@ async fn gateways(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Res
     }
 }
 
-/// The JSON of a conflict or rejected record: the punch as sent plus where it came from.
-fn held_json(
-    record: &outpost_protocol::Record,
-    site: &str,
-    gateway: &str,
-    epoch: u64,
-    stored_at_ms: i64,
-) -> serde_json::Map<String, Value> {
-    let mut m = punch_to_json(&record.punch);
-    m.insert("site".into(), site.into());
-    m.insert("gateway_id".into(), gateway.into());
-    m.insert("journal_epoch".into(), epoch.into());
-    m.insert("gateway_seq".into(), record.gateway_seq.into());
-    m.insert("stored_at".into(), format_time(stored_at_ms, None).into());
-    m
-}
-
-/// One page of `items` (at most `limit`) with the next cursor when the page is full.
-fn page_json(items: Vec<Value>, limit: usize, last_id: Option<u64>) -> Response {
-    let next = (items.len() == limit)
-        .then(|| last_id.map(|id| id.to_string()))
-        .flatten();
-    Json(json!({"items": items, "next_cursor": next})).into_response()
+/// `GET /v1/conflicts` and `GET /v1/rejected`: read auth, `cursor`, then one page from
+/// `fetch(after, limit)` as `{"items": [...], "next_cursor": ...}`; `item` gives each
+/// row's id and JSON.
+async fn held_page<T, F, Fut>(
+    state: &AppState,
+    headers: &HeaderMap,
+    p: &HashMap<String, String>,
+    fetch: F,
+    item: impl Fn(&T) -> (u64, Value),
+) -> Response
+where
+    F: FnOnce(Option<u64>, usize) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<T>, crate::store::StoreError>>,
+{
+    if let Err(r) = require_reader(state, headers) {
+        return r;
+    }
+    let after = match cursor_param(p) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let limit = state.limits.max_query_limit.min(100);
+    match fetch(after, limit).await {
+        Ok(rows) => {
+            let items: Vec<(u64, Value)> = rows.iter().map(item).collect();
+            let next = (items.len() == limit)
+                .then(|| items.last().map(|(id, _)| id.to_string()))
+                .flatten();
+            let items: Vec<Value> = items.into_iter().map(|(_, v)| v).collect();
+            Json(json!({"items": items, "next_cursor": next})).into_response()
+        }
+        Err(e) => store_error(e),
+    }
 }
 
 async fn conflicts(
@@ -362,35 +372,15 @@ async fn conflicts(
     headers: HeaderMap,
     Query(p): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(r) = require_reader(&state, &headers) {
-        return r;
-    }
-    let after = match cursor_param(&p) {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
-    let limit = state.limits.max_query_limit.min(100);
-    match state.store.conflicts(after, limit).await {
-        Ok(items) => {
-            let last = items.last().map(|c| c.id);
-            let items = items
-                .iter()
-                .map(|c| {
-                    let mut m = held_json(
-                        &c.record,
-                        c.site_id.as_str(),
-                        c.gateway_id.as_str(),
-                        c.journal_epoch,
-                        c.stored_at_ms,
-                    );
-                    m.insert("kept_cursor".into(), c.kept_cursor.to_string().into());
-                    Value::Object(m)
-                })
-                .collect();
-            page_json(items, limit, last)
-        }
-        Err(e) => store_error(e),
-    }
+    let store = state.store.clone();
+    held_page(
+        &state,
+        &headers,
+        &p,
+        |after, limit| async move { store.conflicts(after, limit).await },
+        |c: &crate::store::ConflictRow| (c.id, c.to_json()),
+    )
+    .await
 }
 
 async fn rejected(
@@ -398,35 +388,15 @@ async fn rejected(
     headers: HeaderMap,
     Query(p): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(r) = require_reader(&state, &headers) {
-        return r;
-    }
-    let after = match cursor_param(&p) {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
-    let limit = state.limits.max_query_limit.min(100);
-    match state.store.rejected(after, limit).await {
-        Ok(items) => {
-            let last = items.last().map(|x| x.id);
-            let items = items
-                .iter()
-                .map(|x| {
-                    let mut m = held_json(
-                        &x.record,
-                        x.site_id.as_str(),
-                        x.gateway_id.as_str(),
-                        x.journal_epoch,
-                        x.stored_at_ms,
-                    );
-                    m.insert("reason".into(), x.reason.as_str().into());
-                    Value::Object(m)
-                })
-                .collect();
-            page_json(items, limit, last)
-        }
-        Err(e) => store_error(e),
-    }
+    let store = state.store.clone();
+    held_page(
+        &state,
+        &headers,
+        &p,
+        |after, limit| async move { store.rejected(after, limit).await },
+        |x: &crate::store::RejectedRow| (x.id, x.to_json()),
+    )
+    .await
 }
 
 async fn ready(State(state): State<Arc<AppState>>) -> Response {

@@ -176,6 +176,51 @@ fn check_id(what: &'static str, value: &str) -> Result<Id, AuthError> {
     Id::new_topic_safe(value).map_err(|e| bad(e.to_string()))
 }
 
+/// Calls `line` with the tab-separated fields of every line of a credentials file that is
+/// not blank or a `#` comment, after checking that it has one of the `counts` of fields.
+/// An error from `line` is reported with the file and the line number.
+fn parse_lines(
+    path: &Path,
+    text: &str,
+    counts: &[usize],
+    mut line: impl FnMut(&[&str]) -> Result<(), String>,
+) -> Result<(), AuthError> {
+    for (i, l) in text.lines().enumerate() {
+        let l = l.trim();
+        if l.is_empty() || l.starts_with('#') {
+            continue;
+        }
+        let f: Vec<&str> = l.split('\t').collect();
+        let checked = if counts.contains(&f.len()) {
+            line(&f)
+        } else {
+            let n: Vec<String> = counts.iter().map(|c| c.to_string()).collect();
+            Err(format!("expected {} tab-separated fields", n.join(" or ")))
+        };
+        checked.map_err(|message| AuthError::Malformed {
+            path: path.to_path_buf(),
+            line: i + 1,
+            message,
+        })?;
+    }
+    Ok(())
+}
+
+/// The text of a credentials file; `None` when it does not exist (yet).
+fn read_optional(path: &Path) -> Result<Option<String>, AuthError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
+/// Parses the "added" field: Unix ms.
+fn parse_ms(v: &str) -> Result<i64, String> {
+    v.parse()
+        .map_err(|_| "the time must be Unix ms".to_string())
+}
+
 /// Parses an optional digest field: 64 hex digits, or `-` for none.
 fn digest_field(v: &str) -> Result<Option<[u8; 32]>, String> {
     if v == "-" {
@@ -196,39 +241,16 @@ impl Gateways {
     /// Parses the file's text.
     pub fn parse(path: &Path, text: &str) -> Result<Gateways, AuthError> {
         let mut g = Gateways::default();
-        for (i, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let bad = |message: String| AuthError::Malformed {
-                path: path.to_path_buf(),
-                line: i + 1,
-                message,
-            };
-            let f: Vec<&str> = line.split('\t').collect();
-            if f.len() != 4 && f.len() != 5 {
-                return Err(bad("expected 4 or 5 tab-separated fields".into()));
-            }
-            let gateway_id = check_id("gateway id", f[0]).map_err(|e| bad(e.to_string()))?;
-            let site_id = check_id("site id", f[1]).map_err(|e| bad(e.to_string()))?;
-            let token_hash = digest_field(f[2]).map_err(bad)?;
-            let added_ms = f[3]
-                .parse()
-                .map_err(|_| bad("the time must be Unix ms".into()))?;
-            let cert_sha256 = match f.get(4) {
-                Some(v) => digest_field(v).map_err(bad)?,
-                None => None,
-            };
+        parse_lines(path, text, &[4, 5], |f| {
             let cred = GatewayCred {
-                gateway_id,
-                site_id,
-                token_hash,
-                cert_sha256,
-                added_ms,
+                gateway_id: check_id("gateway id", f[0]).map_err(|e| e.to_string())?,
+                site_id: check_id("site id", f[1]).map_err(|e| e.to_string())?,
+                token_hash: digest_field(f[2])?,
+                added_ms: parse_ms(f[3])?,
+                cert_sha256: f.get(4).map(|v| digest_field(v)).transpose()?.flatten(),
             };
-            g.insert(cred).map_err(bad)?;
-        }
+            g.insert(cred)
+        })?;
         Ok(g)
     }
 
@@ -268,10 +290,9 @@ impl Gateways {
 
     /// Reads the file; a missing file is an empty set.
     pub fn load(path: &Path) -> Result<Gateways, AuthError> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => Gateways::parse(path, &text),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Gateways::default()),
-            Err(e) => Err(io_err(path)(e)),
+        match read_optional(path)? {
+            Some(text) => Gateways::parse(path, &text),
+            None => Ok(Gateways::default()),
         }
     }
 

@@ -16,7 +16,8 @@ use std::path::Path;
 use subtle::ConstantTimeEq;
 
 use super::{
-    check_id, io_err, new_token, now_ms, token_hash, write_atomic, AuthError, Live, DIGEST_HEX,
+    check_id, digest_field, new_token, now_ms, parse_lines, parse_ms, read_optional, token_hash,
+    write_atomic, AuthError, Live, DIGEST_HEX,
 };
 
 /// One read token.
@@ -45,35 +46,16 @@ impl Readers {
     /// Parses the file's text.
     pub fn parse(path: &Path, text: &str) -> Result<Readers, AuthError> {
         let mut r = Readers::default();
-        for (i, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let bad = |message: String| AuthError::Malformed {
-                path: path.to_path_buf(),
-                line: i + 1,
-                message,
-            };
-            let f: Vec<&str> = line.split('\t').collect();
-            if f.len() != 3 {
-                return Err(bad("expected 3 tab-separated fields".into()));
-            }
-            let name = check_id("reader name", f[0]).map_err(|e| bad(e.to_string()))?;
-            let token_hash: [u8; 32] = hex::decode(f[1])
-                .ok()
-                .and_then(|v| v.try_into().ok())
-                .ok_or_else(|| bad(format!("the hash must be {DIGEST_HEX} hex digits")))?;
-            let added_ms = f[2]
-                .parse()
-                .map_err(|_| bad("the time must be Unix ms".into()))?;
+        parse_lines(path, text, &[3], |f| {
+            let name = check_id("reader name", f[0]).map_err(|e| e.to_string())?;
+            let token_hash = digest_field(f[1])?
+                .ok_or_else(|| format!("the hash must be {DIGEST_HEX} hex digits"))?;
             r.insert(Reader {
                 name: name.as_str().to_string(),
                 token_hash,
-                added_ms,
+                added_ms: parse_ms(f[2])?,
             })
-            .map_err(bad)?;
-        }
+        })?;
         Ok(r)
     }
 
@@ -98,10 +80,9 @@ impl Readers {
 
     /// Reads the file; a missing file is an empty set.
     pub fn load(path: &Path) -> Result<Readers, AuthError> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => Readers::parse(path, &text),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Readers::default()),
-            Err(e) => Err(io_err(path)(e)),
+        match read_optional(path)? {
+            Some(text) => Readers::parse(path, &text),
+            None => Ok(Readers::default()),
         }
     }
 

@@ -287,6 +287,54 @@ pub fn invalid_reason(r: &Record) -> Option<String> {
     r.punch.validate().err().map(|e| e.to_string())
 }
 
+/// The JSON of a record held aside (a conflict or a rejected record): the punch as sent
+/// plus `site`, `gateway_id`, `journal_epoch`, `gateway_seq` and `stored_at`.
+fn held_json(
+    record: &Record,
+    site: &Id,
+    gateway: &Id,
+    epoch: u64,
+    stored_at_ms: i64,
+) -> Map<String, Value> {
+    let mut m = punch_to_json(&record.punch);
+    m.insert("site".into(), site.as_str().into());
+    m.insert("gateway_id".into(), gateway.as_str().into());
+    m.insert("journal_epoch".into(), epoch.into());
+    m.insert("gateway_seq".into(), record.gateway_seq.into());
+    m.insert("stored_at".into(), format_time(stored_at_ms, None).into());
+    m
+}
+
+impl ConflictRow {
+    /// The JSON object of `GET /v1/conflicts`: the newcomer and `kept_cursor`.
+    pub fn to_json(&self) -> Value {
+        let mut m = held_json(
+            &self.record,
+            &self.site_id,
+            &self.gateway_id,
+            self.journal_epoch,
+            self.stored_at_ms,
+        );
+        m.insert("kept_cursor".into(), self.kept_cursor.to_string().into());
+        Value::Object(m)
+    }
+}
+
+impl RejectedRow {
+    /// The JSON object of `GET /v1/rejected`: the record as sent and its `reason`.
+    pub fn to_json(&self) -> Value {
+        let mut m = held_json(
+            &self.record,
+            &self.site_id,
+            &self.gateway_id,
+            self.journal_epoch,
+            self.stored_at_ms,
+        );
+        m.insert("reason".into(), self.reason.as_str().into());
+        Value::Object(m)
+    }
+}
+
 /// The relay's storage. Every method is safe to call concurrently; `commit` for one stream
 /// may run on several relay processes at once (PostgreSQL) and must stay exactly-once.
 pub trait Store: Send + Sync + 'static {

@@ -212,8 +212,11 @@ fn id(s: &str, what: &str) -> Result<Id, StoreError> {
     Id::new(s).map_err(|_| corrupt(what))
 }
 
-/// Reads [`RECORD_COLS`] starting at column `at`: (site, gateway, epoch, record, stored_at).
-fn row_to_record(r: &Row, at: usize) -> Result<(Id, Id, u64, Record, i64), StoreError> {
+/// A record read back with its stream: (site, gateway, epoch, record, stored_at).
+type HeldRecord = (Id, Id, u64, Record, i64);
+
+/// Reads [`RECORD_COLS`] starting at column `at`.
+fn row_to_record(r: &Row, at: usize) -> Result<HeldRecord, StoreError> {
     let g = |i: usize| at + i;
     let boot: Vec<u8> = r.try_get(g(11)).map_err(pg_err)?;
     let punch = Punch {
@@ -288,6 +291,51 @@ impl<'a> Columns<'a> {
         self.source.push(source_code(r.source));
         self.extra.push(extra);
     }
+
+    /// The parameters of [`bulk_insert_sql`]: the stream's four (`$1`–`$4`), the record
+    /// columns (`$5`–`$17`), then `last` (`$18`, one value per record).
+    fn params<'p>(
+        &'p self,
+        stream: [&'p (dyn ToSql + Sync); 4],
+        last: &'p (dyn ToSql + Sync),
+    ) -> [&'p (dyn ToSql + Sync); 18] {
+        let [site, gw, epoch, now] = stream;
+        [
+            site,
+            gw,
+            epoch,
+            now,
+            &self.device_id,
+            &self.device_seq,
+            &self.subject_id,
+            &self.kind,
+            &self.verify,
+            &self.device_time_ms,
+            &self.utc_offset_min,
+            &self.gateway_seq,
+            &self.boot_id,
+            &self.mono_ms,
+            &self.wall_ms,
+            &self.clock_synced,
+            &self.source,
+            last,
+        ]
+    }
+}
+
+/// `INSERT INTO table` of a whole [`Columns`] in one statement (`UNNEST` of arrays): the
+/// stream's site, gateway, epoch and `stored_at_ms`, the record columns, and `last_col`
+/// (SQL type `last_type`). Parameters from [`Columns::params`].
+fn bulk_insert_sql(table: &str, last_col: &str, last_type: &str) -> String {
+    format!(
+        "INSERT INTO {table} (site_id, gateway_id, journal_epoch, stored_at_ms, \
+         device_id, device_seq, subject_id, kind, verify, device_time_ms, utc_offset_min, \
+         gateway_seq, boot_id, mono_ms, wall_ms, clock_synced, source, {last_col}) \
+         SELECT $1, $2, $3, $4, * FROM UNNEST($5::text[], $6::bigint[], $7::text[], \
+         $8::smallint[], $9::smallint[], $10::bigint[], $11::smallint[], $12::bigint[], \
+         $13::bytea[], $14::bigint[], $15::bigint[], $16::boolean[], $17::smallint[], \
+         $18::{last_type}[])"
+    )
 }
 
 /// The PostgreSQL store. Cheap to clone.
@@ -746,44 +794,12 @@ impl PgStore {
         // key -> (id, kept punch, inserted by this batch's record with this gateway_seq)
         let mut kept: HashMap<(&str, u64), (i64, Punch, Option<u64>)> = HashMap::new();
         if !unique.is_empty() {
-            let st = tx
-                .prepare_cached(
-                    "INSERT INTO punches (site_id, gateway_id, journal_epoch, stored_at_ms, \
-                     device_id, device_seq, subject_id, kind, verify, device_time_ms, utc_offset_min, \
-                     gateway_seq, boot_id, mono_ms, wall_ms, clock_synced, source, corrected_ms) \
-                     SELECT $1, $2, $3, $4, * FROM UNNEST($5::text[], $6::bigint[], $7::text[], \
-                     $8::smallint[], $9::smallint[], $10::bigint[], $11::smallint[], $12::bigint[], \
-                     $13::bytea[], $14::bigint[], $15::bigint[], $16::boolean[], $17::smallint[], \
-                     $18::bigint[]) \
-                     ON CONFLICT (site_id, device_id, device_seq) DO NOTHING \
-                     RETURNING id, device_seq, gateway_seq",
-                )
-                .await?;
-            let rows = tx
-                .query(
-                    &st,
-                    &[
-                        &site,
-                        &gw,
-                        &epoch,
-                        &now_ms,
-                        &cols.device_id,
-                        &cols.device_seq,
-                        &cols.subject_id,
-                        &cols.kind,
-                        &cols.verify,
-                        &cols.device_time_ms,
-                        &cols.utc_offset_min,
-                        &cols.gateway_seq,
-                        &cols.boot_id,
-                        &cols.mono_ms,
-                        &cols.wall_ms,
-                        &cols.clock_synced,
-                        &cols.source,
-                        &cols.extra,
-                    ],
-                )
-                .await?;
+            let sql = bulk_insert_sql("punches", "corrected_ms", "bigint")
+                + " ON CONFLICT (site_id, device_id, device_seq) DO NOTHING \
+                   RETURNING id, device_seq, gateway_seq";
+            let st = tx.prepare_cached(&sql).await?;
+            let stream: [&(dyn ToSql + Sync); 4] = [&site, &gw, &epoch, &now_ms];
+            let rows = tx.query(&st, &cols.params(stream, &cols.extra)).await?;
             let by_seq: HashMap<u64, &Record> =
                 unique.iter().map(|r| (r.gateway_seq, *r)).collect();
             for row in rows {
@@ -843,81 +859,19 @@ impl PgStore {
         }
 
         // 4. Conflicts, ranges, counters.
+        let stream: [&(dyn ToSql + Sync); 4] = [&site, &gw, &epoch, &now_ms];
         if !conflicts.device_id.is_empty() {
             let st = tx
-                .prepare_cached(
-                    "INSERT INTO conflicts (site_id, gateway_id, journal_epoch, stored_at_ms, \
-                     device_id, device_seq, subject_id, kind, verify, device_time_ms, utc_offset_min, \
-                     gateway_seq, boot_id, mono_ms, wall_ms, clock_synced, source, kept_id) \
-                     SELECT $1, $2, $3, $4, * FROM UNNEST($5::text[], $6::bigint[], $7::text[], \
-                     $8::smallint[], $9::smallint[], $10::bigint[], $11::smallint[], $12::bigint[], \
-                     $13::bytea[], $14::bigint[], $15::bigint[], $16::boolean[], $17::smallint[], \
-                     $18::bigint[])",
-                )
+                .prepare_cached(&bulk_insert_sql("conflicts", "kept_id", "bigint"))
                 .await?;
-            let c = &conflicts;
-            tx.execute(
-                &st,
-                &[
-                    &site,
-                    &gw,
-                    &epoch,
-                    &now_ms,
-                    &c.device_id,
-                    &c.device_seq,
-                    &c.subject_id,
-                    &c.kind,
-                    &c.verify,
-                    &c.device_time_ms,
-                    &c.utc_offset_min,
-                    &c.gateway_seq,
-                    &c.boot_id,
-                    &c.mono_ms,
-                    &c.wall_ms,
-                    &c.clock_synced,
-                    &c.source,
-                    &c.extra,
-                ],
-            )
-            .await?;
+            tx.execute(&st, &conflicts.params(stream, &conflicts.extra))
+                .await?;
         }
         if !reasons.is_empty() {
             let st = tx
-                .prepare_cached(
-                    "INSERT INTO rejected (site_id, gateway_id, journal_epoch, stored_at_ms, \
-                     device_id, device_seq, subject_id, kind, verify, device_time_ms, utc_offset_min, \
-                     gateway_seq, boot_id, mono_ms, wall_ms, clock_synced, source, reason) \
-                     SELECT $1, $2, $3, $4, * FROM UNNEST($5::text[], $6::bigint[], $7::text[], \
-                     $8::smallint[], $9::smallint[], $10::bigint[], $11::smallint[], $12::bigint[], \
-                     $13::bytea[], $14::bigint[], $15::bigint[], $16::boolean[], $17::smallint[], \
-                     $18::text[])",
-                )
+                .prepare_cached(&bulk_insert_sql("rejected", "reason", "text"))
                 .await?;
-            let c = &rejected;
-            tx.execute(
-                &st,
-                &[
-                    &site,
-                    &gw,
-                    &epoch,
-                    &now_ms,
-                    &c.device_id,
-                    &c.device_seq,
-                    &c.subject_id,
-                    &c.kind,
-                    &c.verify,
-                    &c.device_time_ms,
-                    &c.utc_offset_min,
-                    &c.gateway_seq,
-                    &c.boot_id,
-                    &c.mono_ms,
-                    &c.wall_ms,
-                    &c.clock_synced,
-                    &c.source,
-                    &reasons,
-                ],
-            )
-            .await?;
+            tx.execute(&st, &rejected.params(stream, &reasons)).await?;
         }
         if let (Some(f), Some(l)) = (batch.records.first(), batch.records.last()) {
             ranges.insert(f.gateway_seq, l.gateway_seq);
@@ -1055,68 +1009,31 @@ impl PgStore {
             .collect()
     }
 
-    async fn query_conflicts(
+    /// Rows of a table of held records (`conflicts`, `rejected`) after `after`, oldest
+    /// first: `(id, site, gateway, epoch, record, stored_at, the row)`, the row for the
+    /// table's own column `extra_col` (column 18).
+    async fn query_held(
         &self,
+        table: &str,
+        extra_col: &str,
         after: Option<u64>,
         limit: usize,
-    ) -> Result<Vec<ConflictRow>, StoreError> {
+    ) -> Result<Vec<(u64, HeldRecord, Row)>, StoreError> {
         let client = self.pool.get().await.map_err(pool_err)?;
         let after = after.map_or(0, |a| a.min(i64::MAX as u64) as i64);
         let rows = client
             .query(
                 &format!(
-                    "SELECT id, {RECORD_COLS}, kept_id FROM conflicts WHERE id > $1 ORDER BY id LIMIT $2"
+                    "SELECT id, {RECORD_COLS}, {extra_col} FROM {table} WHERE id > $1 ORDER BY id LIMIT $2"
                 ),
                 &[&after, &(limit as i64)],
             )
             .await
             .map_err(pg_err)?;
-        rows.iter()
+        rows.into_iter()
             .map(|row| {
-                let (site_id, gateway_id, journal_epoch, record, stored_at_ms) =
-                    row_to_record(row, 1)?;
-                Ok(ConflictRow {
-                    id: row.try_get::<_, i64>(0).map_err(pg_err)? as u64,
-                    site_id,
-                    gateway_id,
-                    journal_epoch,
-                    record,
-                    stored_at_ms,
-                    kept_cursor: row.try_get::<_, i64>(18).map_err(pg_err)? as u64,
-                })
-            })
-            .collect()
-    }
-
-    async fn query_rejected(
-        &self,
-        after: Option<u64>,
-        limit: usize,
-    ) -> Result<Vec<RejectedRow>, StoreError> {
-        let client = self.pool.get().await.map_err(pool_err)?;
-        let after = after.map_or(0, |a| a.min(i64::MAX as u64) as i64);
-        let rows = client
-            .query(
-                &format!(
-                    "SELECT id, {RECORD_COLS}, reason FROM rejected WHERE id > $1 ORDER BY id LIMIT $2"
-                ),
-                &[&after, &(limit as i64)],
-            )
-            .await
-            .map_err(pg_err)?;
-        rows.iter()
-            .map(|row| {
-                let (site_id, gateway_id, journal_epoch, record, stored_at_ms) =
-                    row_to_record(row, 1)?;
-                Ok(RejectedRow {
-                    id: row.try_get::<_, i64>(0).map_err(pg_err)? as u64,
-                    site_id,
-                    gateway_id,
-                    journal_epoch,
-                    record,
-                    stored_at_ms,
-                    reason: row.try_get(18).map_err(pg_err)?,
-                })
+                let id = row.try_get::<_, i64>(0).map_err(pg_err)? as u64;
+                Ok((id, row_to_record(&row, 1)?, row))
             })
             .collect()
     }
@@ -1181,7 +1098,26 @@ impl Store for PgStore {
         after: Option<u64>,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<ConflictRow>, StoreError>> {
-        Box::pin(self.query_conflicts(after, limit))
+        Box::pin(async move {
+            let rows = self
+                .query_held("conflicts", "kept_id", after, limit)
+                .await?;
+            rows.into_iter()
+                .map(
+                    |(id, (site_id, gateway_id, journal_epoch, record, stored_at_ms), row)| {
+                        Ok(ConflictRow {
+                            id,
+                            site_id,
+                            gateway_id,
+                            journal_epoch,
+                            record,
+                            stored_at_ms,
+                            kept_cursor: row.try_get::<_, i64>(18).map_err(pg_err)? as u64,
+                        })
+                    },
+                )
+                .collect()
+        })
     }
 
     fn rejected(
@@ -1189,7 +1125,24 @@ impl Store for PgStore {
         after: Option<u64>,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<RejectedRow>, StoreError>> {
-        Box::pin(self.query_rejected(after, limit))
+        Box::pin(async move {
+            let rows = self.query_held("rejected", "reason", after, limit).await?;
+            rows.into_iter()
+                .map(
+                    |(id, (site_id, gateway_id, journal_epoch, record, stored_at_ms), row)| {
+                        Ok(RejectedRow {
+                            id,
+                            site_id,
+                            gateway_id,
+                            journal_epoch,
+                            record,
+                            stored_at_ms,
+                            reason: row.try_get(18).map_err(pg_err)?,
+                        })
+                    },
+                )
+                .collect()
+        })
     }
 
     fn ready(&self) -> BoxFuture<'_, Result<(), StoreError>> {

@@ -88,9 +88,10 @@ struct GatewayStats {
     rejected: Option<u64>,
 }
 
-/// A conflicting newcomer (value of a `c` key).
+/// A record held aside: a conflicting newcomer (value of a `c` key, `extra` = the cursor of
+/// the punch that was kept) or an invalid record (value of an `r` key, `extra` = the reason).
 #[derive(Debug, Clone, Encode, Decode)]
-struct StoredConflict {
+struct Held<E> {
     #[n(0)]
     site_id: Id,
     #[n(1)]
@@ -102,8 +103,13 @@ struct StoredConflict {
     #[n(4)]
     stored_at_ms: i64,
     #[n(5)]
-    kept_cursor: u64,
+    extra: E,
 }
+
+/// A conflicting newcomer: `extra` is the kept punch's cursor.
+type StoredConflict = Held<u64>;
+/// An invalid record: `extra` is why.
+type StoredRejected = Held<String>;
 
 const T_ROW: u8 = b'p';
 const T_PUNCH_KEY: u8 = b'k';
@@ -113,23 +119,6 @@ const T_ANCHOR: u8 = b'a';
 const T_WAITING: u8 = b'w';
 const T_CONFLICT: u8 = b'c';
 const T_REJECTED: u8 = b'r';
-
-/// An invalid record (value of an `r` key).
-#[derive(Debug, Clone, Encode, Decode)]
-struct StoredRejected {
-    #[n(0)]
-    site_id: Id,
-    #[n(1)]
-    gateway_id: Id,
-    #[n(2)]
-    journal_epoch: u64,
-    #[n(3)]
-    record: Record,
-    #[n(4)]
-    stored_at_ms: i64,
-    #[n(5)]
-    reason: String,
-}
 
 fn push_id(k: &mut Vec<u8>, id: &str) {
     // Ids are at most 64 bytes (outpost_protocol::MAX_ID_LEN), so the length fits a byte.
@@ -334,7 +323,7 @@ impl Inner {
                     journal_epoch: batch.journal_epoch,
                     record: *r,
                     stored_at_ms: now_ms,
-                    reason,
+                    extra: reason,
                 };
                 let rid = self.db.generate_id().map_err(io)?;
                 w.insert(key_u64(T_REJECTED, rid), enc(&x));
@@ -364,7 +353,7 @@ impl Inner {
                         journal_epoch: batch.journal_epoch,
                         record: *r,
                         stored_at_ms: now_ms,
-                        kept_cursor: kept,
+                        extra: kept,
                     };
                     let cid = self.db.generate_id().map_err(io)?;
                     w.insert(key_u64(T_CONFLICT, cid), enc(&c));
@@ -503,48 +492,53 @@ impl Inner {
         Ok(out)
     }
 
-    fn conflicts(&self, after: Option<u64>, limit: usize) -> Result<Vec<ConflictRow>, StoreError> {
-        let start = key_u64(T_CONFLICT, after.map_or(0, |a| a.saturating_add(1)));
+    /// The values of table `tag` (keys `tag` + u64 id) after `after`, at most `limit`.
+    fn scan_ids<T: for<'b> Decode<'b, ()>>(
+        &self,
+        tag: u8,
+        what: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, T)>, StoreError> {
+        let start = key_u64(tag, after.map_or(0, |a| a.saturating_add(1)));
         let mut out = Vec::new();
-        for item in self.tree.range(start..vec![T_CONFLICT + 1]) {
-            if out.len() == limit {
-                break;
-            }
+        for item in self.tree.range(start..vec![tag + 1]).take(limit) {
             let (k, v) = item.map_err(io)?;
-            let c: StoredConflict = dec("conflict", &v)?;
-            out.push(ConflictRow {
-                id: be_u64("conflict key", &k[1..])?,
+            out.push((be_u64(what, &k[1..])?, dec(what, &v)?));
+        }
+        Ok(out)
+    }
+
+    fn conflicts(&self, after: Option<u64>, limit: usize) -> Result<Vec<ConflictRow>, StoreError> {
+        let rows = self.scan_ids::<StoredConflict>(T_CONFLICT, "conflict", after, limit)?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, c)| ConflictRow {
+                id,
                 site_id: c.site_id,
                 gateway_id: c.gateway_id,
                 journal_epoch: c.journal_epoch,
                 record: c.record,
                 stored_at_ms: c.stored_at_ms,
-                kept_cursor: c.kept_cursor,
-            });
-        }
-        Ok(out)
+                kept_cursor: c.extra,
+            })
+            .collect())
     }
 
     fn rejected(&self, after: Option<u64>, limit: usize) -> Result<Vec<RejectedRow>, StoreError> {
-        let start = key_u64(T_REJECTED, after.map_or(0, |a| a.saturating_add(1)));
-        let mut out = Vec::new();
-        for item in self.tree.range(start..vec![T_REJECTED + 1]) {
-            if out.len() == limit {
-                break;
-            }
-            let (k, v) = item.map_err(io)?;
-            let x: StoredRejected = dec("rejected record", &v)?;
-            out.push(RejectedRow {
-                id: be_u64("rejected key", &k[1..])?,
+        let rows = self.scan_ids::<StoredRejected>(T_REJECTED, "rejected record", after, limit)?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, x)| RejectedRow {
+                id,
                 site_id: x.site_id,
                 gateway_id: x.gateway_id,
                 journal_epoch: x.journal_epoch,
                 record: x.record,
                 stored_at_ms: x.stored_at_ms,
-                reason: x.reason,
-            });
-        }
-        Ok(out)
+                reason: x.extra,
+            })
+            .collect())
     }
 }
 
