@@ -40,13 +40,14 @@
 pub mod readers;
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
+use outpost_ops::file::{FileError, FileWatch};
+/// SHA-256 of a token.
+pub use outpost_ops::token::token_hash;
 use outpost_protocol::Id;
-use rand::RngCore;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
@@ -108,6 +109,15 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AuthError + '_ {
     }
 }
 
+impl From<FileError> for AuthError {
+    fn from(e: FileError) -> Self {
+        AuthError::Io {
+            path: e.path,
+            source: e.source,
+        }
+    }
+}
+
 /// One gateway's credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayCred {
@@ -134,11 +144,6 @@ pub struct Gateways {
 
 /// Hex digits in a stored SHA-256 digest.
 const DIGEST_HEX: usize = 64;
-
-/// SHA-256 of a token.
-pub fn token_hash(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
-}
 
 /// SHA-256 of a certificate's DER bytes: how a client certificate is named.
 pub fn cert_fingerprint(der: &[u8]) -> [u8; 32] {
@@ -354,11 +359,12 @@ impl Gateways {
     }
 }
 
-/// A new random token with the given prefix.
+/// Random bytes in a token the relay issues (gateway, reader, admin).
+const TOKEN_BYTES: usize = 32;
+
+/// A new random token: `prefix` and [`TOKEN_BYTES`] random bytes in hex.
 pub fn new_token(prefix: &str) -> String {
-    let mut b = [0u8; 32];
-    rand::rng().fill_bytes(&mut b);
-    format!("{prefix}{}", hex::encode(b))
+    outpost_ops::token::new_token(prefix, TOKEN_BYTES)
 }
 
 fn now_ms() -> i64 {
@@ -367,35 +373,11 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Writes `text` to `path` atomically: temp file in the same directory, fsync, rename,
-/// fsync the directory. `mode` is applied to the new file.
+/// Writes `text` to `path` atomically ([`outpost_ops::file::write_atomic`]: temp file in
+/// the same directory, fsync, rename, fsync the directory). `mode` is applied to the new
+/// file.
 pub fn write_atomic(path: &Path, text: &str, mode: u32) -> Result<(), AuthError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        std::process::id()
-    ));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
-    f.write_all(text.as_bytes()).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io_err(path))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))?;
-    Ok(())
+    outpost_ops::file::write_atomic(path, text.as_bytes(), mode).map_err(AuthError::from)
 }
 
 /// `gateway add`: issues a token for a new gateway and returns it.
@@ -493,13 +475,8 @@ impl<T> Live<T> {
 /// The live set of gateway credentials, shared by request handlers.
 pub type GatewayCreds = Live<Gateways>;
 
-fn file_stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len(), m.ino()))
-}
-
-/// Re-reads a credentials file with `load` whenever its metadata changes, until `cancel`.
+/// Re-reads a credentials file with `load` whenever its metadata changes ([`FileWatch`]),
+/// until `cancel`.
 /// A file that fails to parse is logged and ignored (the previous set stays in force).
 /// `what` names the file's config key in the log.
 pub async fn watch<T: Send + Sync + 'static>(
@@ -510,7 +487,7 @@ pub async fn watch<T: Send + Sync + 'static>(
     every: Duration,
     cancel: CancellationToken,
 ) {
-    let mut stamp = file_stamp(&path);
+    let mut stamp = FileWatch::new(&path);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -518,11 +495,9 @@ pub async fn watch<T: Send + Sync + 'static>(
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let now = file_stamp(&path);
-        if now == stamp {
+        if !stamp.changed() {
             continue;
         }
-        stamp = now;
         let p = path.clone();
         match tokio::task::spawn_blocking(move || load(&p)).await {
             Ok(Ok(v)) => {
@@ -545,26 +520,17 @@ impl AdminToken {
     /// Reads the token from `path`, creating the file with a new random token (mode 0600)
     /// if it does not exist.
     pub fn load_or_create(path: &Path) -> Result<AdminToken, AuthError> {
-        match std::fs::read_to_string(path) {
-            Ok(t) => {
-                let t = t.trim();
-                if t.len() < 16 {
-                    return Err(AuthError::Malformed {
-                        path: path.to_path_buf(),
-                        line: 1,
-                        message: "the admin token must be at least 16 characters".into(),
-                    });
-                }
-                Ok(AdminToken(token_hash(t)))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let t = new_token("opa_");
-                write_atomic(path, &format!("{t}\n"), 0o600)?;
-                tracing::info!(file = %path.display(), "created a new admin token (auth.admin_token_file)");
-                Ok(AdminToken(token_hash(&t)))
-            }
-            Err(e) => Err(io_err(path)(e)),
+        let (t, created) = outpost_ops::token::load_or_create(path, "opa_", TOKEN_BYTES)?;
+        if created {
+            tracing::info!(file = %path.display(), "created a new admin token (auth.admin_token_file)");
+        } else if t.len() < 16 {
+            return Err(AuthError::Malformed {
+                path: path.to_path_buf(),
+                line: 1,
+                message: "the admin token must be at least 16 characters".into(),
+            });
         }
+        Ok(AdminToken(token_hash(&t)))
     }
 
     /// Whether `token` is the admin token (constant time).

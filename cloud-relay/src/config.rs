@@ -4,54 +4,20 @@
 //! `tls.disabled = true` (local development only). Any key can be overridden by an
 //! environment variable `OUTPOST_<SECTION>__<KEY>` (upper case, two underscores between
 //! levels), e.g. `OUTPOST_RELAY__LISTEN=127.0.0.1:9000`. The value is read as a TOML value
-//! when it parses as one (`true`, `42`) and as a string otherwise. Unknown keys are errors,
-//! and every error names the key and the reason. Secrets (the database URL with its
-//! password, TLS keys, the admin token) come from files or the environment, never from the
-//! command line. `config/relay.toml` documents every key.
+//! when it parses as one (`true`, `42`) and as a string otherwise (`outpost_ops::env`,
+//! shared with the gateway). Unknown keys are errors, and every error names the key and the
+//! reason. Secrets (the database URL with its password, TLS keys, the admin token) come from
+//! files or the environment, never from the command line. `config/relay.toml` documents
+//! every key.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-/// Why the configuration could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML.
-    #[error("config file {path} is not valid TOML: {message}")]
-    Syntax {
-        /// The file.
-        path: String,
-        /// The parser's message (with line and column).
-        message: String,
-    },
-    /// A key has a wrong type or value, or is unknown.
-    #[error("config key `{key}`: {message}")]
-    Key {
-        /// The dotted key (`relay.listen`).
-        key: String,
-        /// What is wrong and what is expected.
-        message: String,
-    },
-}
-
-impl ConfigError {
-    /// A key error.
-    pub fn key(key: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError::Key {
-            key: key.into(),
-            message: message.into(),
-        }
-    }
-}
+/// Why the configuration could not be loaded (shared with the gateway: the same file and
+/// environment conventions give the same messages).
+pub use outpost_ops::config::ConfigError;
 
 /// The whole relay configuration.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -352,25 +318,7 @@ impl Config {
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let (origin, text) = match path {
-            Some(p) => (
-                p.display().to_string(),
-                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                    path: p.to_path_buf(),
-                    source,
-                })?,
-            ),
-            None => ("(embedded defaults)".to_string(), String::new()),
-        };
-        let mut table: toml::Table =
-            text.parse()
-                .map_err(|e: toml::de::Error| ConfigError::Syntax {
-                    path: origin.clone(),
-                    message: e.to_string(),
-                })?;
-        apply_env_overrides(&mut table, env)?;
-        let cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
-            .map_err(|e| ConfigError::key(e.path().to_string(), e.inner().message().to_string()))?;
+        let cfg: Config = outpost_ops::config::load(path, env)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -542,51 +490,6 @@ fn check_pg_url(key: &str, url: &str) -> Result<(), ConfigError> {
                 ),
             )
         })
-}
-
-/// Applies `OUTPOST_A__B=value` variables to the table as `a.b = value`.
-fn apply_env_overrides(
-    table: &mut toml::Table,
-    env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
-    for (name, value) in env {
-        let Some(path) = name.strip_prefix("OUTPOST_") else {
-            continue;
-        };
-        if !path.contains("__") {
-            // Not a config key (e.g. OUTPOST_CONFIG).
-            continue;
-        }
-        let keys: Vec<String> = path.split("__").map(|k| k.to_ascii_lowercase()).collect();
-        if keys.iter().any(String::is_empty) {
-            return Err(ConfigError::key(
-                name.clone(),
-                "empty key segment in environment variable name",
-            ));
-        }
-        let parsed = format!("v = {value}")
-            .parse::<toml::Table>()
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-            .unwrap_or(toml::Value::String(value));
-        let mut cur = &mut *table;
-        for k in &keys[..keys.len() - 1] {
-            let entry = cur
-                .entry(k.clone())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            cur = match entry {
-                toml::Value::Table(t) => t,
-                _ => {
-                    return Err(ConfigError::key(
-                        keys.join("."),
-                        format!("{name} sets a key below `{k}`, which is not a section"),
-                    ))
-                }
-            };
-        }
-        cur.insert(keys[keys.len() - 1].clone(), parsed);
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -18,13 +18,13 @@
 //! `/v1/status` and `/v1/export`, and the CLI reads the same file to call them.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use outpost_ops::file::{write_atomic, FileWatch};
+use outpost_ops::token::token_hash_hex;
 use outpost_protocol::Id;
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -73,15 +73,12 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AuthError + '_ {
     }
 }
 
-/// The SHA-256 of a token, hex encoded.
-pub fn hash_token(token: &str) -> String {
-    hex::encode(Sha256::digest(token.as_bytes()))
-}
+/// Random bytes in a token the gateway issues (device, admin, internal MQTT password).
+const TOKEN_BYTES: usize = 24;
 
-/// A new random device token.
+/// A new random token: `prefix` and [`TOKEN_BYTES`] random bytes in hex.
 pub fn new_token(prefix: &str) -> String {
-    let bytes: [u8; 24] = rand::random();
-    format!("{prefix}{}", hex::encode(bytes))
+    outpost_ops::token::new_token(prefix, TOKEN_BYTES)
 }
 
 /// The known devices: token hash → device id.
@@ -147,7 +144,7 @@ impl DeviceTable {
 
     /// The device a presented token belongs to.
     pub fn device_for_token(&self, token: &str) -> Option<&str> {
-        self.by_hash.get(&hash_token(token)).map(String::as_str)
+        self.by_hash.get(&token_hash_hex(token)).map(String::as_str)
     }
 
     /// Every device, in file order.
@@ -170,47 +167,22 @@ impl DeviceTable {
     }
 }
 
-/// Writes `contents` to `path` atomically: temp file in the same directory, fsync, rename,
-/// fsync the directory. Readers see the old file or the new one, never half of one.
-pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        std::process::id()
-    ));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)?;
-    f.write_all(contents)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
+/// Writes the devices file atomically (mode 0600, [`write_atomic`]) and, when the CLI runs
+/// as root, gives it to the owner of its directory (the service user on a packaged box), so
+/// the running gateway can still read it. Errors name `path`.
+fn write_devices_file(path: &Path, table: &DeviceTable) -> Result<(), AuthError> {
+    write_atomic(path, table.render().as_bytes(), 0o600).map_err(|e| io_err(path)(e.source))?;
+    give_to_directory_owner(path).map_err(io_err(path))
 }
 
-/// When the CLI runs as root, gives a credentials file to the owner of its directory (the
-/// service user on a packaged box), so the running gateway can still read it.
+/// The chown step of [`write_devices_file`]; nothing unless running as root.
 fn give_to_directory_owner(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Ok(());
     }
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let m = std::fs::metadata(dir)?;
+    let m = std::fs::metadata(outpost_ops::file::parent_dir(path))?;
     std::os::unix::fs::chown(path, Some(m.uid()), Some(m.gid()))
 }
 
@@ -227,11 +199,10 @@ pub fn add_device(path: &Path, device_id: &str) -> Result<String, AuthError> {
     let token = new_token("opd_");
     table.insert(DeviceEntry {
         device_id: device_id.into(),
-        token_sha256: hash_token(&token),
+        token_sha256: token_hash_hex(&token),
         added: outpost_protocol::json::format_time(now_ms(), None),
     });
-    write_atomic(path, table.render().as_bytes(), 0o600).map_err(io_err(path))?;
-    give_to_directory_owner(path).map_err(io_err(path))?;
+    write_devices_file(path, &table)?;
     Ok(token)
 }
 
@@ -244,9 +215,7 @@ pub fn revoke_device(path: &Path, device_id: &str) -> Result<(), AuthError> {
         return Err(AuthError::Unknown(device_id.into()));
     }
     table.by_hash.retain(|_, id| id != device_id);
-    write_atomic(path, table.render().as_bytes(), 0o600).map_err(io_err(path))?;
-    give_to_directory_owner(path).map_err(io_err(path))?;
-    Ok(())
+    write_devices_file(path, &table)
 }
 
 fn now_ms() -> i64 {
@@ -256,24 +225,16 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// What identifies a version of the file: a rename gives a new inode even when the
-/// modification time has coarse granularity.
-fn mtime(path: &Path) -> Option<(SystemTime, u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.ino(), m.len()))
-}
-
 /// Loads the devices file and spawns a task that reloads it when it changes (polling its
-/// modification time every `every`). A file that fails to parse keeps the previous table and
-/// logs an error, so a bad edit never locks every device out.
+/// metadata every `every`, [`FileWatch`]). A file that fails to parse keeps the previous
+/// table and logs an error, so a bad edit never locks every device out.
 pub fn watch_devices(
     path: PathBuf,
     every: Duration,
     shutdown: CancellationToken,
 ) -> Result<watch::Receiver<Arc<DeviceTable>>, AuthError> {
     // Take the version before reading, so an edit that lands in between is reloaded.
-    let mut seen = mtime(&path);
+    let mut seen = FileWatch::new(&path);
     let table = DeviceTable::load(&path)?;
     let (tx, rx) = watch::channel(Arc::new(table));
     tokio::spawn(async move {
@@ -282,11 +243,9 @@ pub fn watch_devices(
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(every) => {}
             }
-            let now = mtime(&path);
-            if now == seen {
+            if !seen.changed() {
                 continue;
             }
-            seen = now;
             match DeviceTable::load(&path) {
                 Ok(t) => {
                     tracing::info!(path = %path.display(), devices = t.entries.len(), "device credentials reloaded");
@@ -308,22 +267,16 @@ pub struct AdminToken(Arc<String>);
 impl AdminToken {
     /// Reads the token file, creating it with a new random token (mode 0600) if missing.
     pub fn load_or_create(path: &Path) -> Result<(AdminToken, bool), AuthError> {
-        match std::fs::read_to_string(path) {
-            Ok(t) if !t.trim().is_empty() => {
-                Ok((AdminToken(Arc::new(t.trim().to_string())), false))
-            }
-            Ok(_) => Err(AuthError::Parse {
+        let (token, created) = outpost_ops::token::load_or_create(path, "opa_", TOKEN_BYTES)
+            .map_err(|e| io_err(path)(e.source))?;
+        if token.is_empty() {
+            return Err(AuthError::Parse {
                 path: path.to_path_buf(),
                 line: 1,
                 message: "the admin token file is empty; delete it to have a new token made".into(),
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let token = new_token("opa_");
-                write_atomic(path, format!("{token}\n").as_bytes(), 0o600).map_err(io_err(path))?;
-                Ok((AdminToken(Arc::new(token)), true))
-            }
-            Err(e) => Err(io_err(path)(e)),
+            });
         }
+        Ok((AdminToken(Arc::new(token)), created))
     }
 
     /// Reads an existing token file (for the CLI).

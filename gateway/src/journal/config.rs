@@ -1,9 +1,11 @@
 //! The `[journal]` section of the gateway config.
 
-use std::fmt;
 use std::time::Duration;
 
-use serde::de::{self, Deserializer, Visitor};
+use outpost_ops::duration::deserialize_duration;
+/// Parses `"500ms"`, `"45s"`, `"30m"`, `"12h"`, `"7d"` or a bare number of seconds (the
+/// same rules as every other duration key, e.g. `uplink.batch_max_age`).
+pub use outpost_ops::duration::parse_duration;
 use serde::Deserialize;
 
 /// What to do with new punches when the journal reaches `journal.max_bytes`.
@@ -35,7 +37,7 @@ impl OnFull {
 #[serde(default, deny_unknown_fields)]
 pub struct DedupWindow {
     /// `journal.dedup_window.max_age`: forget a trimmed key this long after its trim.
-    /// Integer seconds, or a string with a unit: `"7d"`, `"12h"`, `"30m"`, `"45s"`.
+    /// Integer seconds, or a string with a unit: `"7d"`, `"12h"`, `"30m"`, `"45s"`, `"500ms"`.
     /// Default 7 days.
     #[serde(deserialize_with = "deserialize_duration")]
     pub max_age: Duration,
@@ -120,42 +122,6 @@ impl JournalConfig {
     }
 }
 
-/// Parses `"7d"`, `"12h"`, `"30m"`, `"45s"` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last()? {
-        (i, 'd') => (&s[..i], 86_400),
-        (i, 'h') => (&s[..i], 3_600),
-        (i, 'm') => (&s[..i], 60),
-        (i, 's') => (&s[..i], 1),
-        _ => (s, 1),
-    };
-    let n: u64 = num.trim().parse().ok()?;
-    Some(Duration::from_secs(n.checked_mul(mult)?))
-}
-
-fn deserialize_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    struct V;
-    impl Visitor<'_> for V {
-        type Value = Duration;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("seconds as an integer, or a string like \"7d\", \"12h\", \"30m\", \"45s\"")
-        }
-        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Duration, E> {
-            Ok(Duration::from_secs(v))
-        }
-        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Duration, E> {
-            u64::try_from(v)
-                .map(Duration::from_secs)
-                .map_err(|_| E::custom("a duration cannot be negative"))
-        }
-        fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
-            parse_duration(v).ok_or_else(|| E::invalid_value(de::Unexpected::Str(v), &self))
-        }
-    }
-    d.deserialize_any(V)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,6 +141,12 @@ mod tests {
         assert_eq!(c.dedup_window.max_age, Duration::from_secs(60));
         assert!(toml::from_str::<JournalConfig>("max_byte = 1").is_err());
         assert!(toml::from_str::<JournalConfig>("[dedup_window]\nmax_age = \"7w\"").is_err());
+        let c: JournalConfig = toml::from_str("[dedup_window]\nmax_age = \"500ms\"").unwrap();
+        assert_eq!(c.dedup_window.max_age, Duration::from_millis(500));
+        assert!(c.validate().is_ok());
+        let c: JournalConfig = toml::from_str("[dedup_window]\nmax_age = \"0ms\"").unwrap();
+        let (key, _) = c.validate().unwrap_err();
+        assert_eq!(key, "dedup_window.max_age");
         assert!(JournalConfig {
             max_bytes: 10,
             ..Default::default()

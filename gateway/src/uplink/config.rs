@@ -3,11 +3,10 @@
 //! key; DESIGN.md fixes the names `uplink.relays`, `uplink.token_file` and
 //! `uplink.transport`.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::de::{self, Deserializer, Visitor};
+use outpost_ops::duration::deserialize_duration;
 use serde::Deserialize;
 
 /// Which protocol carries the frames.
@@ -208,47 +207,6 @@ impl UplinkConfig {
     }
 }
 
-/// Parses `"250ms"`, `"45s"`, `"30m"`, `"12h"`, `"7d"` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    if let Some(ms) = s.strip_suffix("ms") {
-        return ms.trim().parse().ok().map(Duration::from_millis);
-    }
-    let (num, mult) = match s.char_indices().last()? {
-        (i, 'd') => (&s[..i], 86_400),
-        (i, 'h') => (&s[..i], 3_600),
-        (i, 'm') => (&s[..i], 60),
-        (i, 's') => (&s[..i], 1),
-        _ => (s, 1),
-    };
-    let n: u64 = num.trim().parse().ok()?;
-    Some(Duration::from_secs(n.checked_mul(mult)?))
-}
-
-fn deserialize_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    struct V;
-    impl Visitor<'_> for V {
-        type Value = Duration;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str(
-                "seconds as an integer, or a string like \"250ms\", \"45s\", \"30m\", \"12h\"",
-            )
-        }
-        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Duration, E> {
-            Ok(Duration::from_secs(v))
-        }
-        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Duration, E> {
-            u64::try_from(v)
-                .map(Duration::from_secs)
-                .map_err(|_| E::custom("a duration cannot be negative"))
-        }
-        fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
-            parse_duration(v).ok_or_else(|| E::invalid_value(de::Unexpected::Str(v), &self))
-        }
-    }
-    d.deserialize_any(V)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,13 +329,5 @@ mod tests {
             e.contains("uplink.client_key_file") && e.contains("does not match"),
             "{e}"
         );
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
-        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
-        assert_eq!(parse_duration("x"), None);
     }
 }

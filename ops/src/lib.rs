@@ -1,0 +1,24 @@
+//! Operations code shared by the gateway (`outpost-gateway`) and the relay
+//! (`outpost-relay`).
+//!
+//! Both daemons are run the same way, so the code that makes them so lives here once
+//! instead of in two copies that drift apart:
+//!
+//! - [`config`]: load a TOML file, apply `OUTPOST_<SECTION>__<KEY>` environment overrides
+//!   ([`env`](mod@env)) and deserialise it into the daemon's typed config, with errors that
+//!   name the key to change.
+//! - [`file`](mod@file): write a credentials file atomically, and notice cheaply when the CLI
+//!   (or a provisioning tool) has replaced it, so the running daemon reloads it without a
+//!   restart.
+//! - [`token`]: random bearer tokens, their SHA-256 (only hashes are stored), and the admin
+//!   token file that is created at first start.
+//! - [`duration`]: durations in config files (`"250ms"`, `"45s"`, `"30m"`, `"12h"`, `"7d"`).
+//!
+//! Nothing protocol-related belongs here: the wire format is `outpost-protocol`, which
+//! device firmware builds without `std`, and which does not depend on this crate.
+
+pub mod config;
+pub mod duration;
+pub mod env;
+pub mod file;
+pub mod token;
