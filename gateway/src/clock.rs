@@ -13,9 +13,10 @@
 //! than `/run/systemd/timesync/synchronized`, which exists only with timesyncd.
 //! The relay later corrects unsynchronised records with time anchors (boot, mono ↔ true).
 
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use outpost_protocol::{BootId, Received};
+use outpost_protocol::{BootId, Received, TimeAnchor};
 
 /// Reads the stamp clocks. Cheap to clone; `now` costs two syscalls.
 #[derive(Clone, Debug)]
@@ -74,6 +75,47 @@ impl Clock {
     }
 }
 
+impl Clock {
+    /// The best estimate of the true time, Unix ms: the wall clock when it is synchronised,
+    /// else the relay's time from `relay` (an anchor of this boot), else `None`.
+    pub fn trusted_now_ms(&self, relay: &RelayTime) -> Option<i64> {
+        if self.synced() {
+            Some(self.wall_ms())
+        } else {
+            relay.now_ms(self)
+        }
+    }
+}
+
+/// The true time as the uplink learned it from the relay's acks: the best anchor of this
+/// boot (monotonic ms ↔ relay time). The uplink writes it; whoever must tell others the
+/// time reads it (the ADMS `Date` header, from which terminals set their clocks). Cheap to
+/// clone; all clones share one value.
+#[derive(Clone, Default, Debug)]
+pub struct RelayTime(Arc<Mutex<Option<TimeAnchor>>>);
+
+impl RelayTime {
+    /// Records the current anchor (`None` forgets it).
+    pub fn set(&self, anchor: Option<TimeAnchor>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = anchor;
+    }
+
+    /// The relay's time now, Unix ms, if an anchor of this boot is known.
+    pub fn now_ms(&self, clock: &Clock) -> Option<i64> {
+        let a = (*self.0.lock().unwrap_or_else(|p| p.into_inner()))?;
+        if a.boot_id != clock.boot_id() {
+            return None;
+        }
+        anchored_ms(&a, clock.mono_ms())
+    }
+}
+
+/// The true time at monotonic `mono_ms` by anchor `a` (same boot); `None` on overflow.
+pub fn anchored_ms(a: &TimeAnchor, mono_ms: u64) -> Option<i64> {
+    let t = i128::from(a.true_ms) + i128::from(mono_ms) - i128::from(a.mono_ms);
+    i64::try_from(t).ok()
+}
+
 impl Default for Clock {
     fn default() -> Self {
         Self::new()
@@ -124,6 +166,43 @@ fn test_wall_offset() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relay_time_counts_from_an_anchor_of_this_boot_only() {
+        let clock = Clock::new();
+        let rt = RelayTime::default();
+        assert_eq!(rt.now_ms(&clock), None);
+        let mono = clock.mono_ms();
+        rt.set(Some(TimeAnchor {
+            boot_id: clock.boot_id(),
+            mono_ms: mono,
+            true_ms: 1_900_000_000_000,
+            uncertainty_ms: 5,
+        }));
+        let t = rt.now_ms(&clock).unwrap();
+        // Counted on from the anchor by the monotonic clock (this test takes < 60 s).
+        assert!((1_900_000_000_000..1_900_000_060_000).contains(&t), "{t}");
+        // A clone shares the value; another boot's anchor tells nothing.
+        rt.clone().set(Some(TimeAnchor {
+            boot_id: BootId([9; 16]),
+            mono_ms: mono,
+            true_ms: 1_900_000_000_000,
+            uncertainty_ms: 5,
+        }));
+        assert_eq!(rt.now_ms(&clock), None);
+        assert_eq!(
+            anchored_ms(
+                &TimeAnchor {
+                    boot_id: BootId([1; 16]),
+                    mono_ms: 1_000,
+                    true_ms: 5_000,
+                    uncertainty_ms: 0
+                },
+                3_500
+            ),
+            Some(7_500)
+        );
+    }
 
     #[test]
     fn boot_id_parses() {

@@ -87,11 +87,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         committer::spawn(journal.clone(), metrics.clone(), committer_stop.clone());
 
     // The uplink only reads and trims the journal: a slow or dead relay never slows ingest.
+    // It publishes the relay's time for ADMS terminals (their clocks follow our Date).
+    let relay_time = crate::clock::RelayTime::default();
     let (uplink, uplink_task) = crate::uplink::spawn(
         cfg.uplink.clone(),
         crate::uplink::UplinkContext {
             journal: journal.clone(),
             clock: clock.clone(),
+            relay_time: relay_time.clone(),
             metrics: metrics.clone(),
             gateway_id: cfg.gateway.id.clone(),
             site: cfg.gateway.site.clone(),
@@ -107,6 +110,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             &cfg.gateway.data_dir,
             committer.clone(),
             clock.clone(),
+            relay_time.clone(),
             metrics.clone(),
         )
     });

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
 use axum::Router;
-use outpost_gateway::clock::Clock;
+use outpost_gateway::clock::{Clock, RelayTime};
 use outpost_gateway::committer;
 use outpost_gateway::ingest::adms::{
     router, AdmsConfig, AdmsDevice, AdmsState, OtherTables, UnknownDevices, UtcOffset,
@@ -46,12 +46,38 @@ fn config(devices: &[(&str, &str)]) -> AdmsConfig {
     c
 }
 
+/// The relay's time as an uplink that was just acked holds it, so that responses carry our
+/// `Date` whether or not this machine's clock is synchronised.
+fn relay_time_now(clock: &Clock) -> RelayTime {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let t = RelayTime::default();
+    t.set(Some(outpost_protocol::TimeAnchor {
+        boot_id: clock.boot_id(),
+        mono_ms: clock.mono_ms(),
+        true_ms: now,
+        uncertainty_ms: 0,
+    }));
+    t
+}
+
 fn harness_with(cfg: AdmsConfig, jcfg: JournalConfig, dir: tempfile::TempDir) -> Harness {
     let journal = Journal::open(dir.path().join("journal"), &jcfg).unwrap();
     let metrics = Metrics::new();
     let shutdown = CancellationToken::new();
     let (handle, task) = committer::spawn(journal.clone(), metrics.clone(), shutdown.clone());
-    let state = AdmsState::new(cfg, dir.path(), handle, Clock::new(), metrics.clone()).unwrap();
+    let clock = Clock::new();
+    let state = AdmsState::new(
+        cfg,
+        dir.path(),
+        handle,
+        clock.clone(),
+        relay_time_now(&clock),
+        metrics.clone(),
+    )
+    .unwrap();
     Harness {
         app: router(state.clone()),
         dir,

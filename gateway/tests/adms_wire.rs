@@ -1,7 +1,7 @@
 //! The ADMS router on a real socket, spoken to byte for byte as a terminal does (raw
 //! HTTP/1.1 over TCP, `User-Agent: iClock Proxy/1.09`, text body, keep-alive).
 
-use outpost_gateway::clock::Clock;
+use outpost_gateway::clock::{Clock, RelayTime};
 use outpost_gateway::committer;
 use outpost_gateway::ingest::adms::{router, AdmsConfig, AdmsDevice, AdmsState, UtcOffset};
 use outpost_gateway::journal::{Journal, JournalConfig};
@@ -54,7 +54,15 @@ async fn terminal_session_over_tcp() {
             utc_offset: UtcOffset::parse("+03:00"),
         },
     );
-    let state = AdmsState::new(cfg, dir.path(), handle, Clock::new(), metrics).unwrap();
+    let state = AdmsState::new(
+        cfg,
+        dir.path(),
+        handle,
+        Clock::new(),
+        RelayTime::default(),
+        metrics,
+    )
+    .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {

@@ -140,7 +140,9 @@ fn no_relay_configured_status_says_offline() {
 
 /// A gateway that booted without network time: its wall clock is five years behind. Its
 /// records reach the relay with that wrong `received_at`, and the relay's corrected time is
-/// right once the first ack has anchored the gateway's monotonic clock.
+/// right once the first ack has anchored the gateway's monotonic clock. ZKTeco terminals,
+/// which set their clocks from the gateway's `Date` header, get the relay's time then, not
+/// the wrong clock.
 #[test]
 fn wall_clock_years_wrong_is_corrected_at_the_relay() {
     const FIVE_YEARS_MS: i64 = 5 * 365 * 86_400_000;
@@ -148,7 +150,15 @@ fn wall_clock_years_wrong_is_corrected_at_the_relay() {
     let token = relay.add_gateway("gw-test", "HC001").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let offset = format!("-{FIVE_YEARS_MS}");
-    let mut gw = gateway(dir.path(), &relay.ws_url(), &token, &[]);
+    let mut gw = gateway(
+        dir.path(),
+        &relay.ws_url(),
+        &token,
+        &[
+            ("OUTPOST_ADMS__ENABLED", "true"),
+            ("OUTPOST_ADMS__UNKNOWN_DEVICES", "accept"),
+        ],
+    );
     gw.env.push(("OUTPOST_TEST_WALL_OFFSET_MS".into(), offset));
     gw.start();
     let before = now_ms();
@@ -182,6 +192,32 @@ fn wall_clock_years_wrong_is_corrected_at_the_relay() {
     assert!((off - FIVE_YEARS_MS).abs() < 2_000, "offset {off}");
     // The anchor is kept for this boot's records after a restart.
     assert!(dir.path().join("data/uplink-anchors.json").exists());
+    // What a terminal polling now is told the time is: this year, not five years ago.
+    let date = adms_date(gw.addr);
+    let year = outpost_protocol::json::format_time(now_ms(), None)[..4].to_string();
+    assert!(
+        date.contains(&format!(" {year} ")),
+        "the Date header {date:?} is not the relay's time (year {year})"
+    );
+}
+
+/// The `Date` header of an ADMS ping, as sent.
+fn adms_date(addr: std::net::SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /iclock/ping?SN=TESTSN01 HTTP/1.0\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(
+        text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+        "{text}"
+    );
+    text.lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("date:"))
+        .unwrap_or_else(|| panic!("no Date header: {text}"))[5..]
+        .trim()
+        .to_string()
 }
 
 fn now_ms() -> i64 {

@@ -67,7 +67,7 @@ use tracing::{info, warn};
 pub use config::{Transport, UplinkConfig};
 pub use link::{Endpoint, Link, LinkError};
 
-use crate::clock::Clock;
+use crate::clock::{anchored_ms, Clock, RelayTime};
 use crate::journal::{Journal, JournalStats};
 use crate::metrics::{Metrics, UplinkErrorLabels, UplinkStateLabels};
 use anchors::Anchors;
@@ -206,9 +206,8 @@ impl UplinkHandle {
             .oldest_received_wall_ms
             .map(|w| ((now.wall_ms - w).max(0) as f64 / 1000.0).round());
         let offset = s.anchor.and_then(|a| {
-            let true_now = i128::from(a.true_ms) + i128::from(now.mono_ms) - i128::from(a.mono_ms);
-            i64::try_from(true_now - i128::from(now.wall_ms))
-                .ok()
+            anchored_ms(&a, now.mono_ms)
+                .and_then(|t| t.checked_sub(now.wall_ms))
                 .map(|off| (off, a.uncertainty_ms))
         });
         json!({
@@ -271,11 +270,12 @@ impl UplinkHandle {
         if let Some((_, t)) = s.last_success {
             metrics.uplink_last_success_timestamp_seconds.set(t / 1000);
         }
-        if let Some(a) = s.anchor {
-            let true_now = i128::from(a.true_ms) + i128::from(now.mono_ms) - i128::from(a.mono_ms);
-            if let Ok(off) = i64::try_from(true_now - i128::from(now.wall_ms)) {
-                metrics.uplink_clock_offset_ms.set(off);
-            }
+        if let Some(off) = s
+            .anchor
+            .and_then(|a| anchored_ms(&a, now.mono_ms))
+            .and_then(|t| t.checked_sub(now.wall_ms))
+        {
+            metrics.uplink_clock_offset_ms.set(off);
         }
     }
 }
@@ -287,6 +287,8 @@ pub struct UplinkContext {
     pub journal: Journal,
     /// For time anchors.
     pub clock: Clock,
+    /// Where the uplink publishes the relay's time (this boot's anchor) for others.
+    pub relay_time: RelayTime,
     /// Where the uplink counts.
     pub metrics: Metrics,
     /// `gateway.id`.
@@ -345,6 +347,8 @@ pub fn spawn(
         );
     }
     let anchors = Anchors::load(&ctx.data_dir, ctx.clock.boot_id());
+    // An anchor of this boot saved before a restart still tells the time.
+    ctx.relay_time.set(anchors.current());
     let stats = ctx.journal.stats();
     let (trim_tx, trim_rx) = watch::channel(stats.trimmed_through);
     let uplink = Uplink {
@@ -937,6 +941,7 @@ impl Uplink {
             s.anchor = current;
             s.inflight = inflight.len();
         });
+        self.ctx.relay_time.set(current);
         Ok(())
     }
 }

@@ -28,8 +28,9 @@
 //!   gateway hands back the right `Stamp` in the handshake.
 //! - Unknown serial numbers are refused with 403 (or accepted, `adms.unknown_devices`),
 //!   logged once per serial number.
-//! - Every response has a `Date` header from the gateway clock: terminals set their clocks
-//!   from it, combined with the `TimeZone` of the handshake.
+//! - Every response has a `Date` header with the true time as far as the gateway knows it
+//!   (its clock when synchronised, else the relay's time from the uplink): terminals set
+//!   their clocks from it, combined with the `TimeZone` of the handshake.
 
 pub mod config;
 pub mod handshake;

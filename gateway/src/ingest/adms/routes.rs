@@ -1,7 +1,7 @@
 //! The `/iclock/*` HTTP handlers.
 //!
-//! Every response is plain text and carries a `Date` header from the gateway's clock
-//! (terminals set their clocks from it). Every endpoint first checks the serial number
+//! Every response is plain text and carries a `Date` header with the true time as far as
+//! the gateway knows it (terminals set their clocks from it; see `add_date`). Every endpoint first checks the serial number
 //! (`SN`, any case of the parameter name) against the allowlist: a missing or malformed
 //! SN gets 400, a refused terminal 403.
 
@@ -296,12 +296,26 @@ async fn attlog(state: &AdmsState, sn: &str, q: &[(String, String)], body: &[u8]
     text(StatusCode::OK, format!("OK: {}", parsed.lines))
 }
 
-/// Sets `Date` from the gateway's clock (hyper would add one from the system clock only
-/// when none is present).
+/// Sets `Date` to the true time as far as the gateway knows it: its wall clock when that is
+/// synchronised, else the relay's time learned by the uplink. Terminals set their clocks
+/// from this header, so a gateway that booted without network (no RTC on a Pi) must not
+/// push its wrong clock into every terminal. With neither, hyper's own `Date` (the system
+/// clock) goes out, as from any web server, and this is logged once.
 async fn add_date(State(state): State<AdmsState>, mut res: Response) -> Response {
-    if let Some(v) = http_date(state.inner.clock.wall_ms()) {
-        if let Ok(h) = HeaderValue::from_str(&v) {
-            res.headers_mut().insert(header::DATE, h);
+    let inner = &state.inner;
+    match inner.clock.trusted_now_ms(&inner.relay_time) {
+        Some(t) => {
+            if let Some(h) = http_date(t).and_then(|v| HeaderValue::from_str(&v).ok()) {
+                res.headers_mut().insert(header::DATE, h);
+            }
+        }
+        None => {
+            if !inner
+                .untrusted_date_logged
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::warn!("the gateway's clock is not synchronised and no relay has told the time yet: ADMS terminals get the system clock in the Date header and may set their clocks from it; fix NTP or the uplink");
+            }
         }
     }
     res

@@ -15,7 +15,7 @@ use serde::Serialize;
 use super::config::{AdmsConfig, UnknownDevices};
 use super::parse::SkipReason;
 use super::stamps::{StampError, StampStore};
-use crate::clock::Clock;
+use crate::clock::{Clock, RelayTime};
 use crate::committer::CommitterHandle;
 use crate::metrics::{Metrics, TerminalLabels, TerminalSkipLabels};
 
@@ -88,6 +88,10 @@ pub(super) struct Inner {
     pub(super) config: AdmsConfig,
     pub(super) committer: CommitterHandle,
     pub(super) clock: Clock,
+    /// The relay's time, for the `Date` header when our own clock is not synchronised.
+    pub(super) relay_time: RelayTime,
+    /// Whether "no trustworthy time for the Date header" was logged already.
+    pub(super) untrusted_date_logged: std::sync::atomic::AtomicBool,
     pub(super) metrics: Metrics,
     pub(super) stamps: StampStore,
     registry: Mutex<Registry>,
@@ -95,12 +99,15 @@ pub(super) struct Inner {
 
 impl AdmsState {
     /// Builds the state. `data_dir` is `gateway.data_dir`: the stamp file lives there
-    /// (see [`super::stamps`]). Fails only if an existing stamp file cannot be read.
+    /// (see [`super::stamps`]). `relay_time` is the uplink's view of the true time (see
+    /// the `Date` header in [`super::routes`]). Fails only if an existing stamp file cannot
+    /// be read.
     pub fn new(
         config: AdmsConfig,
         data_dir: &Path,
         committer: CommitterHandle,
         clock: Clock,
+        relay_time: RelayTime,
         metrics: Metrics,
     ) -> Result<Self, StampError> {
         let stamps = StampStore::open(data_dir)?;
@@ -121,6 +128,8 @@ impl AdmsState {
                 config,
                 committer,
                 clock,
+                relay_time,
+                untrusted_date_logged: std::sync::atomic::AtomicBool::new(false),
                 metrics,
                 stamps,
                 registry: Mutex::new(registry),
