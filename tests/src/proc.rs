@@ -4,6 +4,10 @@
 //! Binaries are found next to the test executable (`target/<profile>/`). The first call in
 //! a test process runs `cargo build -p <package> --bin <name>` with the same profile, so
 //! `cargo test -p outpost-tests` never runs a stale gateway or relay.
+//!
+//! `OUTPOST_BIN_DIR=<dir>` skips the build and takes the binaries from `<dir>` as they are
+//! (for benchmarks on a busy machine, or binaries built elsewhere); the caller then answers
+//! for them being current.
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
@@ -37,6 +41,15 @@ pub fn binary(package: &str, name: &str) -> PathBuf {
 /// Like [`binary`], built with `features` of `package` enabled (e.g. `test-hooks`). Always
 /// pass the same features for one binary, or test processes rebuild it back and forth.
 pub fn binary_with_features(package: &str, name: &str, features: &[&str]) -> PathBuf {
+    if let Some(dir) = std::env::var_os("OUTPOST_BIN_DIR") {
+        let path = PathBuf::from(dir).join(name);
+        assert!(
+            path.exists(),
+            "{} not found (OUTPOST_BIN_DIR is set, so nothing is built)",
+            path.display()
+        );
+        return path;
+    }
     let dir = target_profile_dir();
     let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
     let set = built.get_or_insert_with(HashSet::new);
