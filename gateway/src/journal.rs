@@ -105,8 +105,10 @@ const TRIM_CHUNK: u64 = 4096;
 const REOPEN_LOCK_WAIT: Duration = Duration::from_secs(3);
 
 /// How long `open` waits for a lock held by this process's previous handle (see
-/// [`open_store_waiting`]) before it reports the journal in use.
-const OPEN_LOCK_WAIT: Duration = Duration::from_millis(500);
+/// [`open_store_waiting`]) before it reports the journal in use. Generous, because on a
+/// loaded machine sled's background writers can keep the lock for a while after the last
+/// handle is dropped; only a journal that really is in use pays the whole wait.
+const OPEN_LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// A point-in-time summary for the status page and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
