@@ -116,6 +116,11 @@ pub fn anchored_ms(a: &TimeAnchor, mono_ms: u64) -> Option<i64> {
     i64::try_from(t).ok()
 }
 
+/// The wall clock's error by anchor `a`: true time − `wall_ms`, both read at `mono_ms`.
+pub fn wall_error_ms(a: &TimeAnchor, mono_ms: u64, wall_ms: i64) -> Option<i64> {
+    anchored_ms(a, mono_ms)?.checked_sub(wall_ms)
+}
+
 impl Default for Clock {
     fn default() -> Self {
         Self::new()

@@ -23,15 +23,23 @@ fn on(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
     }
 }
 
-/// Writes `contents` to `path` atomically: a temporary file in the same directory (created
-/// with `mode`), fsync, rename over `path`, fsync the directory. Readers see the old file or
-/// the new one, never half of one, and after a power cut the new one is there or the old
-/// one is. The directory is created if missing. The error names the file that failed (the
-/// directory, the temporary file or `path`).
+/// Writes `contents` to `path` atomically ([`replace_atomic`]), creating the directory
+/// first if it is missing (credentials files the CLI may write before the daemon ever ran).
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), FileError> {
-    use std::os::unix::fs::OpenOptionsExt;
     let dir = parent_dir(path);
     std::fs::create_dir_all(dir).map_err(on(dir))?;
+    replace_atomic(path, contents, mode)
+}
+
+/// Writes `contents` to `path` atomically: a temporary file `.<name>.tmp<pid>` in the same
+/// directory (created with `mode`), fsync, rename over `path`, fsync the directory. Readers
+/// see the old file or the new one, never half of one, and after a power cut the new one is
+/// there or the old one is. The directory must exist: state files inside a daemon's data
+/// directory fail rather than recreate a directory that vanished. The error names the file
+/// that failed (the directory, the temporary file or `path`).
+pub fn replace_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), FileError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = parent_dir(path);
     let tmp = dir.join(format!(
         ".{}.tmp{}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),

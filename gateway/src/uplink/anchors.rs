@@ -216,15 +216,6 @@ impl Anchors {
             e.saved = Some(e.best.uncertainty_ms);
         }
     }
-
-    /// The wall clock's error now: `(true − wall, uncertainty)` in ms, from this boot's
-    /// anchor; `None` before the first ack.
-    pub fn offset_ms(&self, mono_now: u64, wall_now: i64) -> Option<(i64, u32)> {
-        let a = self.current()?;
-        let true_now = i128::from(a.true_ms) + i128::from(mono_now) - i128::from(a.mono_ms);
-        let off = i64::try_from(true_now - i128::from(wall_now)).ok()?;
-        Some((off, a.uncertainty_ms))
-    }
 }
 
 /// Of `all`, the anchors of `current` and of `boots`.
@@ -233,22 +224,6 @@ pub fn select(all: &[TimeAnchor], current: BootId, boots: &[BootId]) -> Vec<Time
         .filter(|a| a.boot_id == current || boots.contains(&a.boot_id))
         .copied()
         .collect()
-}
-
-/// Writes `bytes` to `path` atomically and durably (temp file, fsync, rename, dir fsync).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("json.tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -284,7 +259,7 @@ mod tests {
         assert!(a.observe(anchor(1, 10)));
         assert_eq!(a.untold().len(), 1);
         let (path, bytes) = a.snapshot();
-        write_atomic(&path, &bytes).unwrap();
+        outpost_ops::file::replace_atomic(&path, &bytes, 0o644).unwrap();
         a.saved();
 
         // Next boot: the old boot's anchor is there, and goes with that boot's records.
@@ -306,7 +281,8 @@ mod tests {
         }
         assert_eq!(a.entries.len(), MAX_BOOTS);
         assert!(a.current().is_some(), "this boot is never dropped");
-        let (off, unc) = a.offset_ms(2000, 1_800_000_000_000).unwrap();
-        assert_eq!((off, unc), (1000, 5));
+        let cur = a.current().unwrap();
+        let off = crate::clock::wall_error_ms(&cur, 2000, 1_800_000_000_000).unwrap();
+        assert_eq!((off, cur.uncertainty_ms), (1000, 5));
     }
 }

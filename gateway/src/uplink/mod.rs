@@ -56,6 +56,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use outpost_ops::file::replace_atomic;
 use outpost_protocol::json::format_time;
 use outpost_protocol::{Ack, Id, Received, TimeAnchor};
 use serde_json::{json, Value};
@@ -67,7 +68,7 @@ use tracing::{info, warn};
 pub use config::{Transport, UplinkConfig};
 pub use link::{Endpoint, Link, LinkError};
 
-use crate::clock::{anchored_ms, Clock, RelayTime};
+use crate::clock::{wall_error_ms, Clock, RelayTime};
 use crate::journal::{Journal, JournalStats};
 use crate::metrics::{Metrics, UplinkErrorLabels, UplinkStateLabels};
 use anchors::Anchors;
@@ -206,9 +207,7 @@ impl UplinkHandle {
             .oldest_received_wall_ms
             .map(|w| ((now.wall_ms - w).max(0) as f64 / 1000.0).round());
         let offset = s.anchor.and_then(|a| {
-            anchored_ms(&a, now.mono_ms)
-                .and_then(|t| t.checked_sub(now.wall_ms))
-                .map(|off| (off, a.uncertainty_ms))
+            wall_error_ms(&a, now.mono_ms, now.wall_ms).map(|off| (off, a.uncertainty_ms))
         });
         json!({
             "enabled": self.enabled,
@@ -272,8 +271,7 @@ impl UplinkHandle {
         }
         if let Some(off) = s
             .anchor
-            .and_then(|a| anchored_ms(&a, now.mono_ms))
-            .and_then(|t| t.checked_sub(now.wall_ms))
+            .and_then(|a| wall_error_ms(&a, now.mono_ms, now.wall_ms))
         {
             metrics.uplink_clock_offset_ms.set(off);
         }
@@ -901,7 +899,7 @@ impl Uplink {
         if self.anchors.observe(anchor) {
             let (path, bytes) = self.anchors.snapshot();
             let written =
-                tokio::task::spawn_blocking(move || anchors::write_atomic(&path, &bytes)).await;
+                tokio::task::spawn_blocking(move || replace_atomic(&path, &bytes, 0o644)).await;
             match written {
                 Ok(Ok(())) => self.anchors.saved(),
                 Ok(Err(e)) => {

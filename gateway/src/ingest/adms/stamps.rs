@@ -20,8 +20,9 @@
 //!
 //! - An ATTLOG stamp is written only **after** the punches of that upload were committed
 //!   (fsync returned). So a stored stamp never names records the journal does not hold.
-//! - Every write goes to `adms-stamps.json.tmp`, is fsynced, renamed over the file, and
-//!   the directory is fsynced: after a crash the file is the old or the new version.
+//! - Every write goes to a temporary file (`outpost_ops::file::replace_atomic`), is fsynced,
+//!   renamed over the file, and the directory is fsynced: after a crash the file is the old
+//!   or the new version.
 //! - Writing the file failing (disk full, read-only) loses nothing: the upload was already
 //!   committed and answered; the terminal will later resend records the gateway holds,
 //!   which are recognised as duplicates. The error is logged.
@@ -30,9 +31,9 @@
 //!   `adms-stamps.json.corrupt`, and treated as missing.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use outpost_ops::file::replace_atomic;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
@@ -165,9 +166,11 @@ impl StampStore {
         })
         .unwrap_or_default();
         let path = self.path.clone();
-        let written = tokio::task::spawn_blocking(move || write_atomically(&path, &bytes))
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let written = tokio::task::spawn_blocking(move || {
+            replace_atomic(&path, &bytes, 0o644).map_err(|e| e.source)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         match written {
             Ok(()) => {
                 // Only a durable value becomes the one handed out.
@@ -180,21 +183,6 @@ impl StampStore {
             }),
         }
     }
-}
-
-/// tmp file + fsync + rename + directory fsync.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -225,7 +213,12 @@ mod tests {
                 .attlog,
             5
         );
-        assert!(!dir.path().join("adms-stamps.json.tmp").exists());
+        // No temporary file is left behind.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(FILE_NAME)]);
     }
 
     #[tokio::test]
