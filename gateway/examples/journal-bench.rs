@@ -241,13 +241,13 @@ fn open_in_children(dir: &Path) {
     }
 }
 
-async fn write_amplification(base: &Path, n: u64) {
+async fn write_amplification(base: &Path, n: u64, group: u64) {
     let dir = tempfile::tempdir_in(base).expect("temp dir");
     let j = Journal::open(dir.path(), &cfg()).expect("open");
     let before = write_bytes();
     let mut seq = 0u64;
     while seq < n {
-        let items: Vec<_> = (0..64)
+        let items: Vec<_> = (0..group)
             .map(|_| {
                 seq += 1;
                 pending((seq % 50) as u32, seq)
@@ -268,7 +268,7 @@ async fn write_amplification(base: &Path, n: u64) {
     })
     .len();
     println!(
-        "  {n} punches in groups of 64: {:.0} bytes written per punch (write_bytes); record CBOR {cbor} B, logical {:.0} B/punch; sled size_on_disk {:.0} B/punch ({:.1}x logical)",
+        "  {n} punches in groups of {group}: {:.0} bytes written per punch (write_bytes); record CBOR {cbor} B, logical {:.0} B/punch; sled size_on_disk {:.0} B/punch ({:.1}x logical)",
         written as f64 / n as f64,
         s.bytes as f64 / n as f64,
         disk as f64 / n as f64,
@@ -329,6 +329,11 @@ fn main() {
             open_in_children(&dir);
             return;
         }
+        if args.iter().any(|a| a == "--writes-only") {
+            write_amplification(&base, 5_000, 1).await;
+            write_amplification(&base, 100_000, 64).await;
+            return;
+        }
         if args.iter().any(|a| a == "--committer-only") {
             for c in [1u32, 16, 64] {
                 committer_throughput(&base, c, 3.0).await;
@@ -343,7 +348,8 @@ fn main() {
             committer_throughput(&base, c, 3.0).await;
         }
         println!("(c) disk writes:");
-        write_amplification(&base, 100_000).await;
+        write_amplification(&base, 5_000, 1).await;
+        write_amplification(&base, 100_000, 64).await;
         println!("(b) {records} records:");
         // `--backlog-dir D` keeps the filled journal for later runs.
         let tmp = tempfile::tempdir_in(&base).expect("temp dir");
