@@ -76,8 +76,10 @@
 //! (`append`, `trim_through`), and readers hold it only to copy the bounds.
 
 mod config;
+mod durable;
 mod error;
 mod layout;
+mod recovery;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -92,8 +94,10 @@ pub use config::{
     parse_duration, DedupWindow, JournalConfig, OnFull, MIN_CACHE_BYTES, MIN_MAX_BYTES,
 };
 pub use error::JournalError;
+pub use recovery::{salvage, SalvageReport, SetAside};
 
 use crate::committer::{Outcome, Pending};
+use durable::Durability;
 use layout::Meta;
 use writer::{Writer, EXPIRE_BUDGET};
 
@@ -152,7 +156,11 @@ pub struct Journal {
 struct Shared {
     dir: PathBuf,
     cfg: JournalConfig,
-    epoch: u64,
+    /// The fsyncs sled leaves out ([`durable`]).
+    durability: Durability,
+    /// Journals that could not be opened and were moved aside (this start or earlier),
+    /// until `outpost-gateway salvage` has taken their records back.
+    set_aside: Vec<SetAside>,
     inner: Mutex<Inner>,
 }
 
@@ -168,6 +176,9 @@ struct Inner {
     /// Set after an I/O error: the reason, and whether the disk is full.
     broken: Option<(String, bool)>,
 }
+
+/// What a fresh open found.
+type Opened = (sled::Db, Meta);
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -185,9 +196,38 @@ impl Journal {
         cfg.validate()
             .map_err(|(key, msg)| JournalError::Config(format!("journal.{key}: {msg}")))?;
         let dir = dir.as_ref().to_path_buf();
-        std::fs::create_dir_all(&dir).map_err(|e| JournalError::from_io(dir.clone(), e))?;
+        if !dir.is_dir() {
+            std::fs::create_dir_all(&dir).map_err(|e| JournalError::from_io(dir.clone(), e))?;
+            // The new directory's name must survive a power cut too.
+            outpost_ops::file::sync_dir(outpost_ops::file::parent_dir(&dir))
+                .map_err(|e| JournalError::from_io(e.path, e.source))?;
+        }
         let started = Instant::now();
-        let (db, meta) = open_store_waiting(&dir, cfg, OPEN_LOCK_WAIT)?;
+        let (db, meta) = match recovery::open_guarded(&dir, cfg, OPEN_LOCK_WAIT) {
+            Ok(opened) => opened,
+            Err(failure) if failure.is_unopenable() => {
+                // Never brick the box: keep the damaged journal for salvage, start a fresh
+                // one (a new epoch, so nothing is taken for a resend), keep taking punches.
+                let aside = recovery::move_aside(&dir, &failure.to_string())?;
+                error!(
+                    path = %dir.display(),
+                    moved_to = %aside.display(),
+                    reason = %failure,
+                    "JOURNAL COULD NOT BE OPENED: it was moved aside and a new journal started; punches are being taken again. Recover its records with `outpost-gateway salvage {}` (gateway stopped)",
+                    aside.display()
+                );
+                recovery::open_guarded(&dir, cfg, OPEN_LOCK_WAIT).map_err(|f| f.into_error(&dir))?
+            }
+            Err(failure) => return Err(failure.into_error(&dir)),
+        };
+        let set_aside = recovery::find_set_aside(&dir);
+        for s in &set_aside {
+            error!(
+                path = %s.path.display(),
+                "a journal that could not be opened is set aside and still holds punches: run `outpost-gateway salvage {}` with the gateway stopped",
+                s.path.display()
+            );
+        }
         info!(
             path = %dir.display(),
             records = meta.records(),
@@ -199,9 +239,10 @@ impl Journal {
         );
         Ok(Journal {
             shared: Arc::new(Shared {
+                durability: Durability::new(&dir),
                 dir,
                 cfg: cfg.clone(),
-                epoch: meta.epoch,
+                set_aside,
                 inner: Mutex::new(Inner {
                     db: Some(db),
                     generation: 0,
@@ -211,6 +252,12 @@ impl Journal {
                 }),
             }),
         })
+    }
+
+    /// Journals that could not be opened and were moved aside, still waiting for
+    /// `outpost-gateway salvage`. Status, metrics and `/health/ready` report them.
+    pub fn set_aside(&self) -> &[SetAside] {
+        &self.shared.set_aside
     }
 
     /// The journal directory.
@@ -226,7 +273,35 @@ impl Journal {
     /// The random id of this journal, made when it was created; batches carry it so the
     /// relay never confuses seqs of a reinstalled box with older ones.
     pub fn epoch(&self) -> u64 {
-        self.shared.epoch
+        self.lock().meta.epoch
+    }
+
+    /// Moves the journal to a fresh random epoch, durably, and returns it. The records
+    /// held and every new one are then sent under the new epoch. Used when the relay shows
+    /// it already holds sequence numbers this journal has not assigned yet (a journal that
+    /// went back in time: a restored backup), so that no `(epoch, gateway_seq)` is ever
+    /// sent with two different records. Blocking.
+    pub fn begin_new_epoch(&self) -> Result<u64, JournalError> {
+        let mut inner = self.lock();
+        let db = self.writable(&mut inner)?;
+        let mut meta = inner.meta;
+        meta.epoch = layout::new_epoch(meta.epoch);
+        let err = |e| JournalError::from_sled(self.shared.dir.clone(), e);
+        db.insert(layout::META_KEY, cbor::to_vec(&meta))
+            .map_err(err)?;
+        db.flush().map_err(err)?;
+        self.shared
+            .durability
+            .sync()
+            .map_err(|e| JournalError::from_io(e.path, e.source))?;
+        warn!(
+            old = format_args!("{:016x}", inner.meta.epoch),
+            new = format_args!("{:016x}", meta.epoch),
+            next_seq = meta.next_seq,
+            "journal moved to a new epoch"
+        );
+        inner.meta = meta;
+        Ok(meta.epoch)
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -326,11 +401,23 @@ impl Journal {
             };
             (db, inner.meta.next_seq - 1, inner.generation)
         };
-        let result = db.flush_async().await;
+        let mut result = db.flush_async().await.map(|_| ());
         drop(db);
+        if result.is_ok() {
+            // sled's flush is not an fsync (see `durable`): this is what makes the group
+            // survive a power cut.
+            let j = self.clone();
+            let synced = tokio::task::spawn_blocking(move || j.shared.durability.sync()).await;
+            let io = |e: std::io::Error| Err(sled::Error::Io(e));
+            result = match synced {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => io(e.source),
+                Err(e) => io(std::io::Error::other(format!("fsync task failed: {e}"))),
+            };
+        }
         let mut inner = self.lock();
         match result {
-            Ok(_) => {
+            Ok(()) => {
                 if inner.generation == generation && target > inner.durable_through {
                     inner.durable_through = target;
                 }
@@ -528,7 +615,7 @@ impl Journal {
         inner.db = None;
         let opened = open_store_waiting(dir, &self.shared.cfg, REOPEN_LOCK_WAIT);
         match opened {
-            Ok((db, meta)) if meta.epoch == self.shared.epoch => {
+            Ok((db, meta)) if meta.epoch == inner.meta.epoch => {
                 inner.generation += 1;
                 inner.durable_through = meta.next_seq - 1;
                 inner.meta = meta;
@@ -540,7 +627,7 @@ impl Journal {
             Ok((_, meta)) => {
                 let what = format!(
                     "its epoch changed from {:016x} to {:016x} while the gateway was running",
-                    self.shared.epoch, meta.epoch
+                    inner.meta.epoch, meta.epoch
                 );
                 inner.broken = Some((what.clone(), false));
                 Err(JournalError::Corrupt {
@@ -586,7 +673,7 @@ impl Iterator for Records {
 /// [`open_store`], retrying while the lock is held for up to `wait`: when this process
 /// just dropped its previous handle, sled's background threads let go of the file lock a
 /// moment later. Another process holding it is reported as [`JournalError::InUse`].
-fn open_store_waiting(
+pub(crate) fn open_store_waiting(
     dir: &Path,
     cfg: &JournalConfig,
     wait: Duration,
@@ -634,36 +721,22 @@ fn open_store(dir: &Path, cfg: &JournalConfig) -> Result<(sled::Db, Meta), Journ
                     what: "it holds data but no journal meta (not an Outpost journal?)".into(),
                 });
             }
-            let mut epoch = rand::random::<u64>();
-            while epoch == 0 {
-                epoch = rand::random::<u64>();
-            }
-            let meta = Meta::new(epoch);
+            let meta = Meta::new(layout::new_epoch(0));
             db.insert(layout::META_KEY, cbor::to_vec(&meta))
                 .map_err(err)?;
             db.flush().map_err(err)?;
+            sync_files(dir)?;
             meta
         }
     };
     Ok((db, meta))
 }
 
-/// fsyncs every file sled keeps in `dir`, and `dir` itself. After a kill -9, writes of the
+/// fsyncs every file and directory sled keeps in `dir`. After a kill -9, writes of the
 /// dead process may sit in the page cache only; they must be on disk before the gateway
 /// reports them as stored (a duplicate) or sends them.
 fn sync_files(dir: &Path) -> Result<(), JournalError> {
-    let io = |e| JournalError::from_io(dir.to_path_buf(), e);
-    for entry in std::fs::read_dir(dir).map_err(io)? {
-        let entry = entry.map_err(io)?;
-        if entry.file_type().map_err(io)?.is_file() {
-            std::fs::File::open(entry.path())
-                .and_then(|f| f.sync_all())
-                .map_err(io)?;
-        }
-    }
-    std::fs::File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(io)
+    outpost_ops::file::sync_tree(dir).map_err(|e| JournalError::from_io(e.path, e.source))
 }
 
 /// Checks the meta against the first and last record keys; rebuilds it with one scan if
@@ -689,6 +762,7 @@ fn check_meta(db: &sled::Db, dir: &Path, meta: Meta) -> Result<Meta, JournalErro
     db.insert(layout::META_KEY, cbor::to_vec(&rebuilt))
         .map_err(err)?;
     db.flush().map_err(err)?;
+    sync_files(dir)?;
     Ok(rebuilt)
 }
 

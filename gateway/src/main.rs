@@ -13,7 +13,7 @@ use outpost_gateway::admin_client::{self, ClientError};
 use outpost_gateway::auth::{self, AdminToken};
 use outpost_gateway::config::{Config, LogFormat};
 use outpost_gateway::export::{self, Format, Since};
-use outpost_gateway::journal::Journal;
+use outpost_gateway::journal::{Journal, JournalError};
 use tokio_util::sync::CancellationToken;
 
 /// Collects clock-in punches from local devices, keeps them safe on disk, and forwards them
@@ -52,6 +52,12 @@ enum Command {
     Device {
         #[command(subcommand)]
         action: DeviceAction,
+    },
+    /// Recover the records of a journal that could not be opened and was set aside
+    /// (`<data_dir>/journal.set-aside-<time>`) into the live journal. Stop the gateway first.
+    Salvage {
+        /// The set-aside journal directory (listed by `status` and in the log).
+        path: PathBuf,
     },
     /// Validate the configuration and exit (0 valid, 2 invalid).
     CheckConfig,
@@ -96,6 +102,7 @@ fn main() -> ExitCode {
         Command::Status { json } => status(&cfg, json),
         Command::Export { format, since } => export_cmd(&cfg, format, since.unwrap_or_default()),
         Command::Device { action } => device(&cfg, action),
+        Command::Salvage { path } => salvage(&cfg, &path),
         Command::CheckConfig => {
             match &config {
                 Some(p) => println!("checked {}", p.display()),
@@ -270,6 +277,38 @@ fn export_cmd(cfg: &Config, format: Format, since: Since) -> anyhow::Result<()> 
         }
     }
     out.flush()?;
+    Ok(())
+}
+
+fn salvage(cfg: &Config, from: &std::path::Path) -> anyhow::Result<()> {
+    let dir = cfg.journal_dir();
+    let journal = match Journal::open(&dir, &cfg.journal) {
+        Ok(j) => j,
+        Err(JournalError::InUse { .. }) => bail!(
+            "the gateway is running and holds the journal at {}: stop it first (sudo systemctl stop outpost-gateway), run salvage, then start it again",
+            dir.display()
+        ),
+        Err(e) => return Err(e).context(format!("cannot open the live journal at {}", dir.display())),
+    };
+    eprintln!(
+        "the gateway is not running: salvaging {} into the journal at {}",
+        from.display(),
+        dir.display()
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let report = rt
+        .block_on(outpost_gateway::journal::salvage(from, &journal))
+        .with_context(|| format!("cannot salvage {}", from.display()))?;
+    println!(
+        "read {} records ({} unreadable): {} stored again, {} already there, {} refused (journal full)",
+        report.read, report.unreadable, report.accepted, report.duplicates, report.rejected
+    );
+    match &report.renamed_to {
+        Some(p) => println!("done; the set-aside journal is kept as {}", p.display()),
+        None => println!("some records were refused: free room in the journal (or let the uplink drain it) and run salvage again"),
+    }
     Ok(())
 }
 

@@ -80,6 +80,8 @@ pub struct Metrics {
     pub journal_dedup_keys: Gauge,
     /// Group commits refused because the journal's write or fsync failed (I/O error, disk full).
     pub journal_io_errors: Counter,
+    /// Journals that could not be opened and were set aside, not yet salvaged (alert on > 0).
+    pub journal_set_aside: Gauge,
     /// ADMS punches received per terminal (new and resent).
     pub adms_punches: Family<TerminalLabels, Counter>,
     /// ADMS ATTLOG lines skipped, per terminal and reason.
@@ -171,6 +173,12 @@ impl Metrics {
             "journal_io_errors",
             "Group commits refused because a journal write or fsync failed",
             journal_io_errors.clone(),
+        );
+        let journal_set_aside = Gauge::default();
+        r.register(
+            "journal_set_aside",
+            "Journals that could not be opened and were moved aside; run `outpost-gateway salvage PATH`",
+            journal_set_aside.clone(),
         );
         let adms_punches = Family::<TerminalLabels, Counter>::default();
         r.register(
@@ -279,6 +287,7 @@ impl Metrics {
             journal_evicted,
             journal_dedup_keys,
             journal_io_errors,
+            journal_set_aside,
             adms_punches,
             adms_skipped,
             adms_last_seen,

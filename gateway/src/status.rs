@@ -133,7 +133,19 @@ async fn ready(State(st): State<OpsState>) -> Response {
         )),
         _ => {}
     }
-    if problems.is_empty() {
+    let set_aside = st.journal.set_aside();
+    if problems.is_empty() && !set_aside.is_empty() {
+        // Punches are being taken, so ready; but say it loudly.
+        let warnings: Vec<String> = set_aside
+            .iter()
+            .map(|s| format!("a journal that could not be opened was set aside at {}; run `outpost-gateway salvage {}` with the gateway stopped", s.path.display(), s.path.display()))
+            .collect();
+        (
+            StatusCode::OK,
+            Json(json!({"ready": true, "warnings": warnings})),
+        )
+            .into_response()
+    } else if problems.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (
@@ -148,6 +160,9 @@ async fn metrics(State(st): State<OpsState>) -> Response {
     let s = st.journal.stats();
     st.metrics.journal_records.set(s.records as i64);
     st.metrics.journal_bytes.set(s.bytes as i64);
+    st.metrics
+        .journal_set_aside
+        .set(st.journal.set_aside().len() as i64);
     // The MQTT counters live in the ingest task's status; splice them in before the
     // OpenMetrics end marker.
     let mut text = st.metrics.render();
@@ -189,6 +204,7 @@ async fn status(State(st): State<OpsState>, headers: HeaderMap) -> Response {
             "quota_used": if s.max_bytes > 0 { s.bytes as f64 / s.max_bytes as f64 } else { 0.0 },
             "on_full": st.journal_cfg.on_full.as_str(),
             "evicted": s.evicted,
+            "set_aside": st.journal.set_aside(),
         },
         "dedup_window": {
             "keys": s.dedup_keys,

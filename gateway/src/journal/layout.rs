@@ -29,6 +29,16 @@ pub(crate) const META_KEY: &[u8] = b"mstate";
 /// The on-disk format this code writes and reads.
 pub(crate) const FORMAT_VERSION: u32 = 1;
 
+/// A random journal epoch, never 0 and never `old`.
+pub(crate) fn new_epoch(old: u64) -> u64 {
+    loop {
+        let e = rand::random::<u64>();
+        if e != 0 && e != old {
+            return e;
+        }
+    }
+}
+
 /// `r` + seq.
 pub(crate) fn record_key(seq: u64) -> [u8; 9] {
     prefixed(RECORD, seq)

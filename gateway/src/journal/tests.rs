@@ -166,13 +166,18 @@ fn tampered_meta_is_rebuilt_on_open() {
 }
 
 #[test]
-fn foreign_database_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
+fn foreign_database_is_set_aside_not_used() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().join("journal");
     {
-        let db = raw_open(dir.path());
+        let db = raw_open(&dir);
         db.insert(b"hello", b"world").unwrap();
         db.flush().unwrap();
     }
-    let e = Journal::open(dir.path(), &cfg(10, 10)).err().unwrap();
-    assert!(matches!(e, JournalError::Corrupt { .. }), "{e}");
+    let j = Journal::open(&dir, &cfg(10, 10)).unwrap();
+    assert_eq!(j.stats().records, 0);
+    let aside = j.set_aside();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    let db = raw_open(&aside[0].path);
+    assert_eq!(db.get(b"hello").unwrap().as_deref(), Some(&b"world"[..]));
 }

@@ -693,7 +693,18 @@ impl Uplink {
         // Records acked but not yet trimmed (the trimmer runs behind) are not resent.
         let mut cursor = cursor.max(self.trimmed + 1);
         let mut inflight: VecDeque<InFlight> = VecDeque::new();
-        let mut prepared: Option<Prepared> = None;
+        // Hello: a batch with no records (anchors only) goes first, so the relay's ack
+        // tells this epoch's watermark before any record is sent. If the relay already
+        // holds numbers this journal has not assigned (a restored backup), `on_ack` moves
+        // the journal to a new epoch before new punches can be sent under reused numbers.
+        let mut prepared: Option<Prepared> =
+            match batcher::anchors_only(&self.header, cursor, self.anchors.untold()) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    warn!(error = %e, "cannot encode the hello batch");
+                    None
+                }
+            };
         let mut preparing: Option<JoinHandle<Result<Option<Prepared>, BatchError>>> = None;
         let mut waiting_since: Option<Instant> = None;
         let mut allowed_at = tokio::time::Instant::now();
@@ -909,6 +920,37 @@ impl Uplink {
             }
         }
         self.anchors.mark_told(&b.anchors);
+
+        // The relay holds sequence numbers of this epoch that this journal never assigned:
+        // the journal went back in time (a restored backup). Sending on would put new
+        // records under numbers the relay already has, so move to a fresh epoch first; the
+        // next session resends everything held under it, and the relay's punch-key dedup
+        // recognises what it already stores.
+        let last_assigned = self.ctx.journal.next_seq().saturating_sub(1);
+        if ack.acked_through > last_assigned {
+            let j = self.ctx.journal.clone();
+            let moved = tokio::task::spawn_blocking(move || j.begin_new_epoch()).await;
+            let epoch = match moved {
+                Ok(Ok(e)) => e,
+                Ok(Err(e)) => {
+                    return Err(LinkError::Local(format!(
+                        "cannot move the journal to a new epoch: {e}"
+                    )))
+                }
+                Err(e) => return Err(LinkError::Local(format!("epoch task failed: {e}"))),
+            };
+            warn!(
+                relay_acked_through = ack.acked_through,
+                journal_last_seq = last_assigned,
+                old_epoch = format_args!("{:016x}", self.header.journal_epoch),
+                new_epoch = format_args!("{:016x}", epoch),
+                "the relay already holds records this journal has not written yet (a restored backup or a lost journal tail): moved the journal to a new epoch and resending what it holds"
+            );
+            self.header.journal_epoch = epoch;
+            return Err(LinkError::Local(
+                "the journal moved to a new epoch; reconnecting to resend under it".into(),
+            ));
+        }
 
         // Trim: the ack proves this batch (and, in order, every earlier one) is stored.
         let mut through = ack.acked_through;
