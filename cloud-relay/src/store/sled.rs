@@ -114,6 +114,10 @@ struct GatewayStats {
     /// Absent in stores written before invalid records were kept (read as 0).
     #[n(6)]
     rejected: Option<u64>,
+    /// New punches under reused sequence numbers; absent in stores written before they
+    /// were counted (read as 0).
+    #[n(7)]
+    seq_reuse: Option<u64>,
 }
 
 /// A record held aside: a conflicting newcomer (value of a `c` key, `extra` = the cursor of
@@ -459,8 +463,20 @@ impl Inner {
 
         // Punch keys first seen in this batch: key -> (row id, punch).
         let mut fresh: HashMap<Vec<u8>, (u64, Punch)> = HashMap::new();
+        // gateway_seq values of new punches under a stored primary key.
+        let mut reused = SeqRanges::default();
         for r in &batch.records {
-            if ranges.contains(r.gateway_seq) {
+            let reuse = ranges.contains(r.gateway_seq);
+            // A stored primary key is a resend unless its punch is new (store module docs,
+            // "Sequence-number reuse"); only these records pay for the punch-key lookup.
+            if reuse
+                && (invalid_reason(r).is_some()
+                    || (!fresh.contains_key(&punch_key(&batch.site_id, &r.punch))
+                        && self
+                            .tree
+                            .contains_key(punch_key(&batch.site_id, &r.punch))
+                            .map_err(io)?))
+            {
                 out.duplicates += 1;
                 continue;
             }
@@ -541,6 +557,10 @@ impl Inner {
                     w.insert(pk.clone(), &id.to_be_bytes()[..]);
                     fresh.insert(pk, (id, r.punch));
                     out.stored += 1;
+                    if reuse {
+                        out.seq_reuse += 1;
+                        reused.insert(r.gateway_seq, r.gateway_seq);
+                    }
                 }
             }
         }
@@ -573,9 +593,13 @@ impl Inner {
         stats.duplicates += u64::from(out.duplicates);
         stats.conflicts += u64::from(out.conflicts);
         stats.rejected = Some(stats.rejected.unwrap_or(0) + u64::from(out.rejected));
+        stats.seq_reuse = Some(stats.seq_reuse.unwrap_or(0) + u64::from(out.seq_reuse));
         w.insert(gkey, enc(&stats));
 
         self.tree.apply_batch(w).map_err(io)?;
+        if !reused.is_empty() {
+            super::warn_seq_reuse(gw, batch.journal_epoch, &reused);
+        }
         let generation = self.applied.fetch_add(1, Ordering::SeqCst) + 1;
         Ok((out, generation))
     }
@@ -635,6 +659,7 @@ impl Inner {
                 duplicates: s.duplicates,
                 conflicts: s.conflicts,
                 rejected: s.rejected.unwrap_or(0),
+                seq_reuse: s.seq_reuse.unwrap_or(0),
             });
         }
         out.sort_by(|a, b| a.gateway_id.cmp(&b.gateway_id));
@@ -866,7 +891,10 @@ mod tests {
             conflicts: 1,
         });
         let s: GatewayStats = dec("gateway stats", &old).unwrap();
-        assert_eq!((s.records, s.conflicts, s.rejected), (10, 1, None));
+        assert_eq!(
+            (s.records, s.conflicts, s.rejected, s.seq_reuse),
+            (10, 1, None, None)
+        );
     }
 
     /// A store whose `db` log was cut short or overwritten (as a power cut tears a log
