@@ -265,7 +265,12 @@ async fn process_inner(
             )
         }
     })?;
-    state.metrics.records("stored", out.stored);
+    // Outcomes partition the records: `stored` counts new punches under new sequence
+    // numbers, `seq_reuse` those under reused ones (store module docs).
+    state
+        .metrics
+        .records("stored", out.stored.saturating_sub(out.seq_reuse));
+    state.metrics.records("seq_reuse", out.seq_reuse);
     state.metrics.records("duplicate", out.duplicates);
     state.metrics.records("conflict", out.conflicts);
     state.metrics.records("rejected", out.rejected);

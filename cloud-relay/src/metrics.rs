@@ -3,7 +3,7 @@
 //! | metric | labels | meaning |
 //! |---|---|---|
 //! | `outpost_relay_batches_total` | `outcome` = committed, rejected, failed | batches received |
-//! | `outpost_relay_records_total` | `outcome` = stored, duplicate, conflict, rejected (invalid, kept in `/v1/rejected`) | records in committed batches |
+//! | `outpost_relay_records_total` | `outcome` = stored, seq_reuse (a new punch under a gateway_seq already used, stored too), duplicate, conflict, rejected (invalid, kept in `/v1/rejected`) | records in committed batches |
 //! | `outpost_relay_bytes_in_total` | | frame bytes received |
 //! | `outpost_relay_decode_errors_total` | `kind` (frame error kinds, too_many_records, invalid_record) | rejected frames |
 //! | `outpost_relay_auth_failures_total` | `reason` = missing, invalid, mismatch, query | refused credentials |

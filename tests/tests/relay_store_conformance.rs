@@ -325,6 +325,10 @@ async fn conformance(store: &dyn Store) {
         (5, 6, 1, 110)
     );
     assert_eq!(b.last_seen_ms, NOW);
+    assert!(
+        gws.iter().all(|g| g.seq_reuse == 0),
+        "resends are not seq reuse"
+    );
 
     // An empty batch (anchors only) of a new stream acks 0.
     let mut empty = batch("gw-e", "HC001", 1, vec![]);
@@ -389,6 +393,85 @@ async fn conformance(store: &dyn Store) {
     let r = gws.iter().find(|g| g.gateway_id == "gw-r").unwrap();
     assert_eq!((r.records, r.rejected, r.duplicates), (2, 2, 4));
     assert_eq!(gws.iter().map(|g| g.rejected).sum::<u64>(), 2);
+
+    seq_reuse(store).await;
+}
+
+/// A gateway whose journal went back in time sends new punches under gateway_seq values
+/// the relay already stores: they are stored (not dropped as resends) and counted.
+async fn seq_reuse(store: &dyn Store) {
+    let original = records(&punches(1..=10), 1);
+    let out = store
+        .commit(batch("gw-s", "HCS", 1, original.clone()), NOW)
+        .await
+        .unwrap();
+    assert_eq!((out.stored, out.seq_reuse, out.acked_through), (10, 0, 10));
+    // Seqs 5..=12 again: new punches under 5..=9, the exact original record 10, and new
+    // seqs 11 and 12.
+    let fresh = |i: u64| punch("dev-new", i, "EMP-0777", 300 + i as i64);
+    let mut reuse: Vec<_> = (5..=9).map(|seq| record(fresh(seq), seq)).collect();
+    reuse.push(original[9]);
+    reuse.extend((11..=12).map(|seq| record(fresh(seq), seq)));
+    let out = store
+        .commit(batch("gw-s", "HCS", 1, reuse.clone()), NOW)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            out.stored,
+            out.seq_reuse,
+            out.duplicates,
+            out.conflicts,
+            out.acked_through
+        ),
+        (7, 5, 1, 0, 12)
+    );
+    let rows = all_punches(
+        store,
+        PunchQuery {
+            site: Some("HCS".into()),
+            device: Some("dev-new".into()),
+            ..q(3)
+        },
+    )
+    .await;
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.record.gateway_seq, r.record.punch))
+            .collect::<Vec<_>>(),
+        [5, 6, 7, 8, 9, 11, 12]
+            .map(|seq| (seq, fresh(seq)))
+            .to_vec()
+    );
+    let site = PunchQuery {
+        site: Some("HCS".into()),
+        ..q(50)
+    };
+    assert_eq!(all_punches(store, site.clone()).await.len(), 17);
+    // Resends of either batch are duplicates now, whole.
+    for (b, n) in [(reuse, 8), (original, 10)] {
+        let out = store.commit(batch("gw-s", "HCS", 1, b), NOW).await.unwrap();
+        assert_eq!(
+            (
+                out.stored,
+                out.seq_reuse,
+                out.duplicates,
+                out.conflicts,
+                out.acked_through
+            ),
+            (0, 0, n, 0, 12)
+        );
+    }
+    assert_eq!(all_punches(store, site).await.len(), 17);
+    let gws = store.gateways().await.unwrap();
+    let s = gws.iter().find(|g| g.gateway_id == "gw-s").unwrap();
+    assert_eq!(
+        (s.records, s.seq_reuse, s.duplicates, s.acked_through),
+        (17, 5, 19, 12)
+    );
+    let json = s.to_json();
+    assert_eq!(json["seq_reuse"], 5, "{json}");
+    assert_eq!(json["records"], 17, "{json}");
 }
 
 /// Concurrent commits of the same punches from many gateways: stored exactly once.
@@ -480,9 +563,9 @@ async fn postgres_store_conformance() {
     concurrent_exactly_once(std::sync::Arc::new(store.clone())).await;
     // Migrations are idempotent: a second relay connecting to the same database.
     let again = PgStore::connect(&pg.url(), 2).await.unwrap();
-    // The conformance pass names 7 gateways (gw-e and gw-r after its list check), the
-    // concurrent pass 6.
-    assert_eq!(again.gateways().await.unwrap().len(), 7 + 6);
+    // The conformance pass names 8 gateways (gw-e, gw-r and gw-s after its list check),
+    // the concurrent pass 6.
+    assert_eq!(again.gateways().await.unwrap().len(), 8 + 6);
     store.close().await.unwrap();
     tokio::task::spawn_blocking(move || drop(pg)).await.unwrap();
 }

@@ -4,10 +4,19 @@
 //! ## Rules every store implements (DESIGN.md, "Deduplication and conflicts")
 //!
 //! - **Primary key** `(gateway_id, journal_epoch, gateway_seq)`. A record whose primary key
-//!   is already stored is a *duplicate*: counted, nothing written. The set of stored
+//!   is already stored is a *duplicate* (counted, nothing written) when its punch key is
+//!   stored too (whatever the stored content: a conflict's resend is not a second
+//!   conflict) or when its punch is invalid (a rejected record's resend). The set of stored
 //!   primary keys of one `(gateway_id, journal_epoch)` stream is kept as a short list of
 //!   closed ranges ([`SeqRanges`]); batches are contiguous, so the list stays tiny (a gap
 //!   only exists while an earlier batch is still on its way).
+//! - **Sequence-number reuse.** A record whose primary key is already stored but whose
+//!   valid punch's key is *not* stored is a new punch under a reused `gateway_seq` (a
+//!   gateway whose journal went back in time: a lost tail, a restored backup). It is stored
+//!   like a record with a new primary key (the punch-key rules below apply, also inside
+//!   the batch), counted in `stored` and in `seq_reuse` (per gateway too), and logged as a
+//!   warning. Only records whose primary key is stored pay for the punch-key lookup, so
+//!   batches of new records cost what they did. The ack watermark is unchanged by it.
 //! - **Punch key** `(site_id, device_id, device_seq)`. A record with a new primary key whose
 //!   punch key is already stored (another gateway, a reinstalled box with a new epoch, a
 //!   device that resent) is a *duplicate* if the punch has the same content, and a
@@ -97,7 +106,7 @@ impl StoreError {
 pub struct CommitOutcome {
     /// The ack watermark for the batch's stream after this commit.
     pub acked_through: u64,
-    /// Records stored as new punches.
+    /// Records stored as new punches (including `seq_reuse`).
     pub stored: u32,
     /// Records already stored (same primary key, or same punch with the same content).
     pub duplicates: u32,
@@ -107,6 +116,9 @@ pub struct CommitOutcome {
     pub rejected: u32,
     /// Earlier records whose corrected time was filled in by this batch's anchors.
     pub corrected_later: u32,
+    /// Of `stored`: new punches under an already stored primary key (module docs,
+    /// "Sequence-number reuse").
+    pub seq_reuse: u32,
 }
 
 /// Filters for [`Store::punches`]. Times filter the punch's device time (`time`):
@@ -225,6 +237,9 @@ pub struct GatewayInfo {
     pub conflicts: u64,
     /// Invalid records received (rejected table), all epochs.
     pub rejected: u64,
+    /// New punches received under an already stored primary key, all epochs (included in
+    /// `records`).
+    pub seq_reuse: u64,
 }
 
 impl GatewayInfo {
@@ -240,6 +255,7 @@ impl GatewayInfo {
             "duplicates": self.duplicates,
             "conflicts": self.conflicts,
             "rejected": self.rejected,
+            "seq_reuse": self.seq_reuse,
         })
     }
 }
@@ -280,6 +296,30 @@ pub struct RejectedRow {
     pub stored_at_ms: i64,
     /// Why it is invalid (the validation error).
     pub reason: String,
+}
+
+/// Logs a batch's new punches under reused sequence numbers (`seqs`, never empty).
+pub fn warn_seq_reuse(gateway_id: &str, journal_epoch: u64, seqs: &SeqRanges) {
+    let count: u64 = seqs.0.iter().map(|&(lo, hi)| hi - lo + 1).sum();
+    let seqs: Vec<String> = seqs
+        .0
+        .iter()
+        .map(|&(lo, hi)| {
+            if lo == hi {
+                lo.to_string()
+            } else {
+                format!("{lo}-{hi}")
+            }
+        })
+        .collect();
+    tracing::warn!(
+        gateway = gateway_id,
+        journal_epoch,
+        gateway_seq = %seqs.join(","),
+        count,
+        "gateway sent new punches under gateway_seq values it had already used (its journal \
+         went back in time: lost tail or restored backup); stored them as new punches"
+    );
 }
 
 /// The validation error of `r`'s punch, as stored in the rejected table; `None` if valid.

@@ -10,7 +10,8 @@
 //! - `streams`: per `(gateway_id, journal_epoch)`, the stored gateway_seq ranges, flat
 //!   (`[lo0, hi0, lo1, hi1, …]`). This is the primary-key index: a record whose seq is in a
 //!   range is a duplicate.
-//! - `gateways`: per-gateway counters and last seen; `anchors`: best anchor per boot.
+//! - `gateways`: per-gateway counters and last seen (`seq_reuse`: migration 3);
+//!   `anchors`: best anchor per boot.
 //!
 //! u64 values (epochs, sequence numbers) are stored as `bigint` with the same 64 bits
 //! (`as i64`), so values at or above 2^63 (derived device_seq) are negative in SQL.
@@ -23,10 +24,16 @@
 //!    it: commits of one stream are serialised, across relay processes too;
 //! 2. upsert the batch's anchors (better uncertainty wins) and fill the corrected time of
 //!    waiting rows of those boots;
-//! 3. insert the new punches with `ON CONFLICT (site_id, device_id, device_seq) DO NOTHING
+//! 3. records whose gateway_seq is in a stored range are resends, except those whose valid
+//!    punch's key is not in `punches` (one lookup, only when the batch has such records):
+//!    new punches under a reused gateway_seq, which join the new records (store module
+//!    docs, "Sequence-number reuse"). The lookup runs under the stream's lock, so a
+//!    concurrent commit of the same stream cannot slip in between; a punch another stream
+//!    inserts meanwhile is caught by the insert's `ON CONFLICT` like any other;
+//! 4. insert the new punches with `ON CONFLICT (site_id, device_id, device_seq) DO NOTHING
 //!    RETURNING`; the punches that were not inserted are read back and compared (duplicate
 //!    or conflict);
-//! 4. insert conflicts and rejected records; write the new ranges; bump the gateway
+//! 5. insert conflicts and rejected records; write the new ranges; bump the gateway
 //!    counters; commit.
 //!
 //! A failure anywhere rolls the whole batch back: nothing is acked, the gateway resends.
@@ -34,7 +41,7 @@
 //! different orders at the same moment) are retried a few times. A lost connection (database restart) returns
 //! [`StoreError::Unavailable`]; the pool reconnects on the next commit.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use deadpool_postgres::{ManagerConfig, Pool, PoolConfig, RecyclingMethod, Runtime, Timeouts};
@@ -149,6 +156,10 @@ CREATE TABLE rejected (
     stored_at_ms   bigint   NOT NULL
 );
 ALTER TABLE gateways ADD COLUMN rejected bigint NOT NULL DEFAULT 0;
+"#,
+    // 3: new punches under reused gateway_seq values are stored and counted.
+    r#"
+ALTER TABLE gateways ADD COLUMN seq_reuse bigint NOT NULL DEFAULT 0;
 "#,
 ];
 
@@ -755,12 +766,44 @@ impl PgStore {
             }
         }
 
-        // 3. New punches: the first record of each punch key not yet in the stream, in
-        // gateway_seq order so that cursors follow arrival order.
+        // 3. Records under a stored primary key are resends unless their punch is new (store
+        // module docs, "Sequence-number reuse"); only they pay for this lookup.
+        let resent: Vec<&Record> = batch
+            .records
+            .iter()
+            .filter(|r| ranges.contains(r.gateway_seq) && invalid_reason(r).is_none())
+            .collect();
+        let mut reused: HashSet<u64> = HashSet::new();
+        if !resent.is_empty() {
+            let devs: Vec<&str> = resent.iter().map(|r| r.punch.device_id.as_str()).collect();
+            let seqs: Vec<i64> = resent.iter().map(|r| r.punch.device_seq as i64).collect();
+            let st = tx
+                .prepare_cached(
+                    "SELECT device_id, device_seq FROM punches WHERE site_id = $1 AND \
+                     (device_id, device_seq) IN (SELECT * FROM UNNEST($2::text[], $3::bigint[]))",
+                )
+                .await?;
+            let mut stored: HashSet<(String, i64)> = HashSet::new();
+            for row in tx.query(&st, &[&site, &devs, &seqs]).await? {
+                stored.insert((row.try_get(0)?, row.try_get(1)?));
+            }
+            for r in &resent {
+                let key = (
+                    r.punch.device_id.as_str().to_string(),
+                    r.punch.device_seq as i64,
+                );
+                if !stored.contains(&key) {
+                    reused.insert(r.gateway_seq);
+                }
+            }
+        }
+
+        // 4. New punches: the first record of each punch key not yet in the stream (or new
+        // under a reused seq), in gateway_seq order so that cursors follow arrival order.
         let candidates: Vec<&Record> = batch
             .records
             .iter()
-            .filter(|r| !ranges.contains(r.gateway_seq))
+            .filter(|r| !ranges.contains(r.gateway_seq) || reused.contains(&r.gateway_seq))
             .collect();
         out.duplicates += (batch.records.len() - candidates.len()) as u32;
         // Invalid records go to the rejected table (store module docs), never to punches.
@@ -840,6 +883,7 @@ impl PgStore {
             }
         }
         let mut conflicts = Columns::default();
+        let mut reused_stored = SeqRanges::default();
         for r in &candidates {
             let key = (r.punch.device_id.as_str(), r.punch.device_seq);
             let Some(&(kid, kp, inserted_by)) = kept.get(&key) else {
@@ -850,6 +894,10 @@ impl PgStore {
             };
             if inserted_by == Some(r.gateway_seq) {
                 out.stored += 1;
+                if reused.contains(&r.gateway_seq) {
+                    out.seq_reuse += 1;
+                    reused_stored.insert(r.gateway_seq, r.gateway_seq);
+                }
             } else if kp == r.punch {
                 out.duplicates += 1;
             } else {
@@ -858,7 +906,7 @@ impl PgStore {
             }
         }
 
-        // 4. Conflicts, ranges, counters.
+        // 5. Conflicts, ranges, counters.
         let stream: [&(dyn ToSql + Sync); 4] = [&site, &gw, &epoch, &now_ms];
         if !conflicts.device_id.is_empty() {
             let st = tx
@@ -892,31 +940,39 @@ impl PgStore {
         let st_gw = tx
             .prepare_cached(
                 "INSERT INTO gateways (gateway_id, site_id, last_seen_ms, journal_epoch, records, \
-                 duplicates, conflicts, rejected) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                 duplicates, conflicts, rejected, seq_reuse) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
                  ON CONFLICT (gateway_id) DO UPDATE SET site_id = EXCLUDED.site_id, \
                  last_seen_ms = EXCLUDED.last_seen_ms, journal_epoch = EXCLUDED.journal_epoch, \
                  records = gateways.records + EXCLUDED.records, \
                  duplicates = gateways.duplicates + EXCLUDED.duplicates, \
                  conflicts = gateways.conflicts + EXCLUDED.conflicts, \
-                 rejected = gateways.rejected + EXCLUDED.rejected",
+                 rejected = gateways.rejected + EXCLUDED.rejected, \
+                 seq_reuse = gateways.seq_reuse + EXCLUDED.seq_reuse",
             )
             .await?;
-        let (stored, dups, confl, rej) = (
+        let (stored, dups, confl, rej, reuse) = (
             i64::from(out.stored),
             i64::from(out.duplicates),
             i64::from(out.conflicts),
             i64::from(out.rejected),
+            i64::from(out.seq_reuse),
         );
         // Both statements are pipelined on the one connection.
         futures_util::future::try_join(
             tx.execute(&st_ranges, &[&gw, &epoch, &flat]),
             tx.execute(
                 &st_gw,
-                &[&gw, &site, &now_ms, &epoch, &stored, &dups, &confl, &rej],
+                &[
+                    &gw, &site, &now_ms, &epoch, &stored, &dups, &confl, &rej, &reuse,
+                ],
             ),
         )
         .await?;
         tx.commit().await?;
+        if !reused_stored.is_empty() {
+            super::warn_seq_reuse(gw, batch.journal_epoch, &reused_stored);
+        }
         Ok(out)
     }
 
@@ -978,7 +1034,7 @@ impl PgStore {
         let rows = client
             .query(
                 "SELECT g.gateway_id, g.site_id, g.last_seen_ms, g.journal_epoch, g.records, \
-                 g.duplicates, g.conflicts, s.ranges, g.rejected FROM gateways g LEFT JOIN streams s \
+                 g.duplicates, g.conflicts, s.ranges, g.rejected, g.seq_reuse FROM gateways g LEFT JOIN streams s \
                  ON s.gateway_id = g.gateway_id AND s.journal_epoch = g.journal_epoch \
                  ORDER BY g.gateway_id",
                 &[],
@@ -1004,6 +1060,7 @@ impl PgStore {
                     duplicates: r.try_get::<_, i64>(5).map_err(pg_err)? as u64,
                     conflicts: r.try_get::<_, i64>(6).map_err(pg_err)? as u64,
                     rejected: r.try_get::<_, i64>(8).map_err(pg_err)? as u64,
+                    seq_reuse: r.try_get::<_, i64>(9).map_err(pg_err)? as u64,
                 })
             })
             .collect()

@@ -20,19 +20,47 @@
 //! ## Commit and failures
 //!
 //! Commits are serialised by a mutex: the commit reads what it needs, builds one
-//! `sled::Batch` (applied atomically: all keys or none), releases the mutex, then waits for
-//! `flush_async` before returning. The ack is sent only after that returns, so:
-//! - a crash before `apply_batch` leaves nothing of the batch;
-//! - a crash after it but before the flush may lose the batch, which was not acked, and the
-//!   gateway resends it;
-//! - a failed flush returns an error (no ack); a resend is then recognised as a duplicate
-//!   and acked only after a later flush succeeds, which covers the earlier writes too.
+//! `sled::Batch` (applied atomically: all keys or none), takes the next *write generation*
+//! and releases the mutex. It then makes the write durable before returning, and the ack is
+//! sent only after that:
+//! 1. `flush_async` writes sled's buffers into its files. It ends in `sync_file_range`,
+//!    which is not an fsync: the data survives a crash of the process (it is in the page
+//!    cache) but not a power cut.
+//! 2. [`outpost_ops::file::sync_tree`] of the store directory, on the blocking pool: fsync
+//!    of every file sled keeps there (`db`, `conf`, `snap.*`, `blobs/…`) and of every
+//!    directory, so the data and the names that lead to it survive a power cut.
+//!
+//! Flush and sync are grouped: one round runs at a time, under an async mutex that holds
+//! the highest generation known durable. A flush started after a write covers it, so a
+//! commit that gets the mutex and finds its generation covered (a round that began after
+//! its write finished meanwhile) returns without a round of its own; otherwise it runs one
+//! round for every write applied so far. Commits that wait while a round runs share the
+//! next one: a commit waits for at most two rounds, however many commits arrive.
+//!
+//! So, after a power cut or a kill:
+//! - every acked batch is on disk (flushed and fsynced before its ack);
+//! - a batch applied but not yet synced may be lost or kept, whole either way (a batch is
+//!   one atomic sled write); it was not acked, so the gateway resends it, and the resend is
+//!   stored or recognised as a duplicate;
+//! - a failed flush or sync returns an error (no ack). The resend is then a duplicate, but
+//!   its commit still writes (the gateway counters), so it gets a newer generation and is
+//!   acked only after a later flush and sync succeed, which cover the earlier write too.
+//!
+//! At open, before sled reads anything, the directory is synced too: a previous process
+//! killed with `-9` may have left writes only in the page cache, and this relay must not
+//! treat them as stored (and ack their resends as duplicates) while a power cut could
+//! still take them away.
+//!
+//! sled 0.34 can panic while recovering a damaged log (a tail torn by a power cut, a
+//! damaged disk). Opening catches the panic and returns [`StoreError::Corrupt`] naming
+//! the directory and what to do ([`SledStore::open`]).
 //!
 //! Queries scan rows in row_id order and filter: fine for the embedded store's scale
 //! (use PostgreSQL for big fleets).
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use minicbor::{Decode, Encode};
@@ -86,6 +114,10 @@ struct GatewayStats {
     /// Absent in stores written before invalid records were kept (read as 0).
     #[n(6)]
     rejected: Option<u64>,
+    /// New punches under reused sequence numbers; absent in stores written before they
+    /// were counted (read as 0).
+    #[n(7)]
+    seq_reuse: Option<u64>,
 }
 
 /// A record held aside: a conflicting newcomer (value of a `c` key, `extra` = the cursor of
@@ -192,8 +224,70 @@ pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 struct Inner {
     db: sled::Db,
     tree: sled::Tree,
+    /// The store directory, synced by [`sync_store_dir`] after each flush.
+    dir: PathBuf,
     /// Serialises commits (see the module docs).
     commit_lock: Mutex<()>,
+    /// The generation of the last applied write (taken under `commit_lock`).
+    applied: AtomicU64,
+    /// The highest generation known durable (flushed and fsynced). Held for the whole
+    /// flush + sync, so that one round runs at a time and waiting commits share the next.
+    durable: tokio::sync::Mutex<u64>,
+    /// Flush + sync rounds done (tests check the grouping).
+    syncs: AtomicU64,
+}
+
+/// How often [`sync_store_dir`] walks the directory when a file vanished under it (sled
+/// renames and deletes its snapshot files while it runs).
+const SYNC_ATTEMPTS: usize = 5;
+
+/// [`outpost_ops::file::sync_tree`] of the store directory, walked again when a file it
+/// listed was renamed or removed before it could be opened (a vanished file needs no
+/// fsync, but its replacement and the directory's new entries do).
+fn sync_store_dir(dir: &Path) -> Result<(), StoreError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match outpost_ops::file::sync_tree(dir) {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if attempt < SYNC_ATTEMPTS
+                    && e.source.kind() == std::io::ErrorKind::NotFound
+                    && dir.is_dir() => {}
+            Err(e) => {
+                return Err(StoreError::Io(format!(
+                    "cannot fsync the sled store in {}: {e}",
+                    dir.display()
+                )))
+            }
+        }
+    }
+}
+
+/// The text of a caught panic.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".to_string())
+}
+
+/// Runs `f` (sled's open and first reads), turning a panic into [`StoreError::Corrupt`]:
+/// sled 0.34 panics on some damaged logs instead of returning an error, and the relay must
+/// report that, not crash.
+fn no_panic<T>(dir: &Path, f: impl FnOnce() -> T) -> Result<T, StoreError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+        StoreError::Corrupt(format!(
+            "the sled store in {dir} cannot be opened: sled panicked while recovering it \
+             ({msg}), its files are damaged: move {dir} aside (keep it: punches this relay \
+             already acknowledged are only there, the gateways have trimmed them) and \
+             restart: the relay starts with an empty store, and each gateway resends only \
+             what the relay had not acknowledged",
+            dir = dir.display(),
+            msg = panic_text(payload.as_ref()),
+        ))
+    })
 }
 
 impl SledStore {
@@ -202,14 +296,26 @@ impl SledStore {
     /// sled holds a file lock; a store closed a moment ago in this process may still hold
     /// it (its flusher thread lets go on its next tick), so a lock conflict is retried for
     /// [`LOCK_WAIT`] before it is reported.
+    ///
+    /// An existing directory is fsynced ([`outpost_ops::file::sync_tree`]) before sled
+    /// reads it. A panic of sled's recovery or of the first reads (a damaged log) is
+    /// returned as [`StoreError::Corrupt`] naming the directory and what to do; it never
+    /// unwinds into the caller.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        let existed = dir.is_dir();
+        if existed {
+            // Before sled reads anything (module docs, "Commit and failures").
+            sync_store_dir(dir)?;
+        }
         let deadline = std::time::Instant::now() + LOCK_WAIT;
         let db = loop {
-            match sled::Config::new()
-                .path(dir)
-                .cache_capacity(cache_bytes)
-                .open()
-            {
+            let opened = no_panic(dir, || {
+                sled::Config::new()
+                    .path(dir)
+                    .cache_capacity(cache_bytes)
+                    .open()
+            })?;
+            match opened {
                 Ok(db) => break db,
                 Err(e)
                     if std::time::Instant::now() < deadline
@@ -225,14 +331,59 @@ impl SledStore {
                 }
             }
         };
-        let tree = db.open_tree("relay").map_err(io)?;
+        // The first reads walk to both ends of the recovered tree: sled may panic there too.
+        let tree = no_panic(dir, || -> Result<sled::Tree, sled::Error> {
+            let tree = db.open_tree("relay")?;
+            tree.first()?;
+            tree.last()?;
+            Ok(tree)
+        })?
+        .map_err(|e| {
+            StoreError::Io(format!(
+                "cannot read the sled store in {}: {e}",
+                dir.display()
+            ))
+        })?;
+        if !existed {
+            // A new store: its files, and its own name in the parent directory.
+            db.flush().map_err(io)?;
+            sync_store_dir(dir)?;
+            outpost_ops::file::sync_dir(outpost_ops::file::parent_dir(dir)).map_err(|e| {
+                StoreError::Io(format!("cannot fsync the sled store's parent: {e}"))
+            })?;
+        }
         Ok(SledStore {
             inner: Arc::new(Inner {
                 db,
                 tree,
+                dir: dir.to_path_buf(),
                 commit_lock: Mutex::new(()),
+                applied: AtomicU64::new(0),
+                durable: tokio::sync::Mutex::new(0),
+                syncs: AtomicU64::new(0),
             }),
         })
+    }
+
+    /// Makes every write up to `generation` durable (module docs, "Commit and failures"):
+    /// returns at once when a round that started after that write has completed, else
+    /// flushes and syncs once for every write applied so far. `force` runs a round
+    /// whatever (shutdown).
+    async fn make_durable(&self, generation: u64, force: bool) -> Result<(), StoreError> {
+        let mut durable = self.inner.durable.lock().await;
+        if !force && *durable >= generation {
+            return Ok(());
+        }
+        // Every write up to `target` was applied before this flush starts, so it covers them.
+        let target = self.inner.applied.load(Ordering::SeqCst);
+        self.inner.db.flush_async().await.map_err(io)?;
+        let dir = self.inner.dir.clone();
+        tokio::task::spawn_blocking(move || sync_store_dir(&dir))
+            .await
+            .map_err(|e| StoreError::Io(format!("store sync task failed: {e}")))??;
+        self.inner.syncs.fetch_add(1, Ordering::Relaxed);
+        *durable = (*durable).max(target);
+        Ok(())
     }
 
     async fn blocking<T: Send + 'static>(
@@ -272,8 +423,9 @@ impl Inner {
         }
     }
 
-    /// Builds and applies the batch's writes; the caller flushes.
-    fn apply(&self, batch: &Batch, now_ms: i64) -> Result<CommitOutcome, StoreError> {
+    /// Builds and applies the batch's writes; returns the outcome and the write's
+    /// generation, which the caller makes durable.
+    fn apply(&self, batch: &Batch, now_ms: i64) -> Result<(CommitOutcome, u64), StoreError> {
         let _guard = self
             .commit_lock
             .lock()
@@ -311,8 +463,20 @@ impl Inner {
 
         // Punch keys first seen in this batch: key -> (row id, punch).
         let mut fresh: HashMap<Vec<u8>, (u64, Punch)> = HashMap::new();
+        // gateway_seq values of new punches under a stored primary key.
+        let mut reused = SeqRanges::default();
         for r in &batch.records {
-            if ranges.contains(r.gateway_seq) {
+            let reuse = ranges.contains(r.gateway_seq);
+            // A stored primary key is a resend unless its punch is new (store module docs,
+            // "Sequence-number reuse"); only these records pay for the punch-key lookup.
+            if reuse
+                && (invalid_reason(r).is_some()
+                    || (!fresh.contains_key(&punch_key(&batch.site_id, &r.punch))
+                        && self
+                            .tree
+                            .contains_key(punch_key(&batch.site_id, &r.punch))
+                            .map_err(io)?))
+            {
                 out.duplicates += 1;
                 continue;
             }
@@ -393,6 +557,10 @@ impl Inner {
                     w.insert(pk.clone(), &id.to_be_bytes()[..]);
                     fresh.insert(pk, (id, r.punch));
                     out.stored += 1;
+                    if reuse {
+                        out.seq_reuse += 1;
+                        reused.insert(r.gateway_seq, r.gateway_seq);
+                    }
                 }
             }
         }
@@ -425,10 +593,15 @@ impl Inner {
         stats.duplicates += u64::from(out.duplicates);
         stats.conflicts += u64::from(out.conflicts);
         stats.rejected = Some(stats.rejected.unwrap_or(0) + u64::from(out.rejected));
+        stats.seq_reuse = Some(stats.seq_reuse.unwrap_or(0) + u64::from(out.seq_reuse));
         w.insert(gkey, enc(&stats));
 
         self.tree.apply_batch(w).map_err(io)?;
-        Ok(out)
+        if !reused.is_empty() {
+            super::warn_seq_reuse(gw, batch.journal_epoch, &reused);
+        }
+        let generation = self.applied.fetch_add(1, Ordering::SeqCst) + 1;
+        Ok((out, generation))
     }
 
     fn punches(&self, q: &PunchQuery) -> Result<PunchPage, StoreError> {
@@ -486,6 +659,7 @@ impl Inner {
                 duplicates: s.duplicates,
                 conflicts: s.conflicts,
                 rejected: s.rejected.unwrap_or(0),
+                seq_reuse: s.seq_reuse.unwrap_or(0),
             });
         }
         out.sort_by(|a, b| a.gateway_id.cmp(&b.gateway_id));
@@ -553,8 +727,8 @@ impl Store for SledStore {
         now_ms: i64,
     ) -> BoxFuture<'_, Result<CommitOutcome, StoreError>> {
         Box::pin(async move {
-            let out = self.blocking(move |i| i.apply(&batch, now_ms)).await?;
-            self.inner.db.flush_async().await.map_err(io)?;
+            let (out, generation) = self.blocking(move |i| i.apply(&batch, now_ms)).await?;
+            self.make_durable(generation, false).await?;
             Ok(out)
         })
     }
@@ -593,8 +767,8 @@ impl Store for SledStore {
 
     fn close(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
-            self.inner.db.flush_async().await.map_err(io)?;
-            Ok(())
+            let applied = self.inner.applied.load(Ordering::SeqCst);
+            self.make_durable(applied, true).await
         })
     }
 }
@@ -602,6 +776,92 @@ impl Store for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use outpost_protocol::{PunchKind, Received, Source, VerifyMethod};
+
+    /// A batch of gateway `gw`, epoch 1, with records `seqs` (device `dev-<gw>`,
+    /// device_seq = gateway_seq).
+    fn test_batch(gw: &str, seqs: std::ops::RangeInclusive<u64>) -> Batch {
+        let records = seqs
+            .map(|n| Record {
+                punch: Punch {
+                    device_id: Id::new(&format!("dev-{gw}")).unwrap(),
+                    device_seq: n,
+                    subject_id: Id::new("EMP-1").unwrap(),
+                    kind: PunchKind::In,
+                    verify: VerifyMethod::Card,
+                    device_time_ms: 1_795_327_200_000 + n as i64 * 60_000,
+                    utc_offset_min: Some(60),
+                },
+                gateway_seq: n,
+                received: Received {
+                    boot_id: BootId([7; 16]),
+                    mono_ms: n,
+                    wall_ms: 1_795_327_200_000 + n as i64 * 60_000,
+                    clock_synced: true,
+                },
+                source: Source::Mqtt,
+            })
+            .collect();
+        Batch {
+            gateway_id: Id::new(gw).unwrap(),
+            site_id: Id::new("HC001").unwrap(),
+            journal_epoch: 1,
+            records,
+            anchors: Vec::new(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiting_commits_share_one_flush_and_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&dir.path().join("store"), 1 << 20).unwrap();
+        let one = store.commit(test_batch("gw-0", 1..=3), 0).await.unwrap();
+        assert_eq!(one.stored, 3);
+        assert_eq!(store.inner.syncs.load(Ordering::SeqCst), 1);
+        // Hold the sync mutex as if a round were running; five commits apply meanwhile.
+        let held = store.inner.durable.lock().await;
+        let mut tasks = Vec::new();
+        for g in 1..=5 {
+            let s = store.clone();
+            tasks.push(tokio::spawn(async move {
+                s.commit(test_batch(&format!("gw-{g}"), 1..=10), 0).await
+            }));
+        }
+        while store.inner.applied.load(Ordering::SeqCst) < 6 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert!(
+            tasks.iter().all(|t| !t.is_finished()),
+            "no ack before the sync"
+        );
+        drop(held);
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap().stored, 10);
+        }
+        // The first waiter's round covered all five writes; the others found them durable.
+        assert_eq!(store.inner.syncs.load(Ordering::SeqCst), 2);
+        assert_eq!(*store.inner.durable.lock().await, 6);
+        store.close().await.unwrap();
+        assert_eq!(store.inner.syncs.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn a_panic_while_opening_is_a_corrupt_error() {
+        let dir = Path::new("/var/lib/outpost-relay/store");
+        let e = no_panic(dir, || -> u32 {
+            panic!("tried to serialize Uninitialized")
+        })
+        .unwrap_err();
+        assert!(matches!(e, StoreError::Corrupt(_)), "{e:?}");
+        let text = e.to_string();
+        assert!(text.contains("/var/lib/outpost-relay/store"), "{text}");
+        assert!(text.contains("tried to serialize Uninitialized"), "{text}");
+        assert!(
+            text.contains("move /var/lib/outpost-relay/store aside"),
+            "{text}"
+        );
+        assert_eq!(no_panic(dir, || 7).unwrap(), 7);
+    }
 
     /// `GatewayStats` as written before the `rejected` counter existed.
     #[derive(Encode)]
@@ -631,6 +891,55 @@ mod tests {
             conflicts: 1,
         });
         let s: GatewayStats = dec("gateway stats", &old).unwrap();
-        assert_eq!((s.records, s.conflicts, s.rejected), (10, 1, None));
+        assert_eq!(
+            (s.records, s.conflicts, s.rejected, s.seq_reuse),
+            (10, 1, None, None)
+        );
+    }
+
+    /// A store whose `db` log was cut short or overwritten (as a power cut tears a log
+    /// written without real fsyncs): opening returns an error, it never panics. sled 0.34
+    /// panics ("tried to serialize Uninitialized") on some of these cuts, and recovers an
+    /// empty or shorter tree from others.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_torn_log_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let store = SledStore::open(&path, 1 << 20).unwrap();
+        for i in 0..50u64 {
+            let b = test_batch("gw", i * 100 + 1..=i * 100 + 100);
+            store.commit(b, 0).await.unwrap();
+        }
+        store.close().await.unwrap();
+        drop(store);
+        let db = std::fs::read(path.join("db")).unwrap();
+        let mut errors = Vec::new();
+        for (n, cut) in [2, 3, 4, 5].into_iter().enumerate() {
+            let at = db.len() / cut;
+            let mut torn = db.clone();
+            if n % 2 == 0 {
+                torn.truncate(at);
+            } else {
+                torn[at..].fill(0x5A);
+            }
+            let copy = dir.path().join(format!("copy-{cut}"));
+            std::fs::create_dir(&copy).unwrap();
+            std::fs::copy(path.join("conf"), copy.join("conf")).unwrap();
+            std::fs::write(copy.join("db"), &torn).unwrap();
+            // A panic that escaped would fail this test.
+            match SledStore::open(&copy, 1 << 20) {
+                Ok(s) => drop(s),
+                Err(e) => errors.push((copy, e)),
+            }
+        }
+        assert!(!errors.is_empty(), "some cut must be detected");
+        for (copy, e) in errors {
+            assert!(matches!(e, StoreError::Corrupt(_)), "{e:?}");
+            let text = e.to_string();
+            assert!(
+                text.contains(&format!("move {} aside", copy.display())),
+                "{text}"
+            );
+        }
     }
 }
