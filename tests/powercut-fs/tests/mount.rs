@@ -220,3 +220,25 @@ fn unsynced_unlink_and_rename_are_undone() {
     assert!(!m.join("d/c").exists());
     assert!(m.join("d/e").is_dir());
 }
+
+#[test]
+fn crash_trap_with_a_killed_child_process() {
+    use std::os::unix::process::ExitStatusExt;
+    let (_d, fs) = mount(15);
+    write_synced(&fs, "a", b"old");
+    let p = fs.mountpoint().join("a");
+    fs.arm_crash_at_next_fsync();
+    let mut child = std::process::Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", p.display()))
+        .args(["bs=16", "count=1", "conv=fsync,notrunc", "status=none"])
+        .spawn()
+        .unwrap();
+    assert!(fs.wait_trap_hit(Duration::from_secs(10)));
+    child.kill().unwrap();
+    // Kill, then cut (which answers the withheld fsync), then reap.
+    fs.cut(CutMode::CrashAtNextFsync);
+    let status = child.wait().unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    assert_eq!(fs::read(&p).unwrap(), b"old");
+}
