@@ -29,6 +29,8 @@ use uplink_support::*;
 const CYCLES_PER_MODE: usize = 5;
 const DEVICES: u64 = 4;
 const PER_DEVICE: u64 = 5_000;
+/// At most this many more punches are posted while the cuts go on.
+const LIVE: u64 = 5_000;
 /// How long the relay's store may take to reach an fsync once the trap is armed.
 const TRAP: Duration = Duration::from_secs(3);
 
@@ -130,10 +132,10 @@ fn relay_sled_store_keeps_acknowledged_batches_across_power_cuts() {
         std::thread::spawn(move || {
             let mut acked = BTreeSet::new();
             let mut next = 1u64;
-            while !stop.load(Ordering::SeqCst) {
-                acked.extend(post_to(addr, "door-live", next..next + 50));
-                next += 50;
-                std::thread::sleep(Duration::from_millis(50));
+            while !stop.load(Ordering::SeqCst) && next <= LIVE {
+                acked.extend(post_to(addr, "door-live", next..next + 25));
+                next += 25;
+                std::thread::sleep(Duration::from_millis(100));
             }
             acked
         })
