@@ -437,11 +437,13 @@ fn anchors_and_adms_stamps_files_parse_after_power_cuts() {
         }
         let stuck = kill_for_cut(gw.proc.take());
         stop.store(true, Ordering::Relaxed);
-        h.join().expect("activity thread");
+        // Cut before joining: a gateway stuck in a withheld fsync keeps its sockets open
+        // until the cut answers the fsync and it can finish dying.
         let report = bench.fs.cut(mode);
         if let Some(p) = stuck {
             reap_after_cut(p, Duration::from_secs(20), &label);
         }
+        h.join().expect("activity thread");
         let states = check(&label, &mut durable, &mut violations);
         eprintln!(
             "cycle {cycle:>2} {:<18} ran {run_ms} ms{note}; {states}; cut {}",

@@ -353,12 +353,14 @@ fn acknowledged_punches_survive_power_cuts() {
         }
         let stuck = kill_for_cut(gw.proc.take());
         stop.store(true, Ordering::Relaxed);
-        for h in handles {
-            h.join().expect("client thread");
-        }
+        // Cut before joining the clients: a gateway stuck in a withheld fsync keeps its
+        // sockets open until the cut answers the fsync and it can finish dying.
         let report = bench.fs.cut(mode);
         if let Some(p) = stuck {
             reap_after_cut(p, Duration::from_secs(20), &label);
+        }
+        for h in handles {
+            h.join().expect("client thread");
         }
         let t = Instant::now();
         if let Err(e) = gw.try_start(READY) {
