@@ -22,6 +22,10 @@ pub struct Gateway {
     pub data_dir: PathBuf,
     /// Extra environment (config overrides) used at every start.
     pub env: Vec<(String, String)>,
+    /// Where the log (`gateway.log`) and the empty config file go: the `dir` given to
+    /// [`Gateway::new`], which may be another place than the data dir's parent
+    /// ([`Gateway::with_data_dir`]).
+    pub home: PathBuf,
     starts: u32,
 }
 
@@ -34,14 +38,28 @@ impl Gateway {
 
     /// Prepares a gateway in `dir` (not started). `env` adds config overrides such as
     /// `("OUTPOST_AUTH__REQUIRED", "false")`.
+    /// An `OUTPOST_GATEWAY__DATA_DIR` in `env` moves the data dir (see
+    /// [`Gateway::with_data_dir`]); the log stays in `dir`.
     pub fn new(dir: &Path, env: &[(&str, &str)]) -> Gateway {
+        let data = env
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == "OUTPOST_GATEWAY__DATA_DIR")
+            .map(|(_, v)| PathBuf::from(v))
+            .unwrap_or_else(|| dir.join("data"));
+        Gateway::with_data_dir(dir, &data, env)
+    }
+
+    /// Like [`Gateway::new`] with the data directory at `data_dir` (e.g. on a test
+    /// filesystem), while the log and the empty config file stay in `dir`.
+    pub fn with_data_dir(dir: &Path, data_dir: &Path, env: &[(&str, &str)]) -> Gateway {
         let port = free_port();
         let mut all: Vec<(String, String)> = vec![
             ("OUTPOST_GATEWAY__ID".into(), "gw-test".into()),
             ("OUTPOST_GATEWAY__SITE".into(), "HC001".into()),
             (
                 "OUTPOST_GATEWAY__DATA_DIR".into(),
-                dir.join("data").display().to_string(),
+                data_dir.display().to_string(),
             ),
             ("OUTPOST_HTTP__LISTEN".into(), format!("127.0.0.1:{port}")),
             ("OUTPOST_HTTP__RATE_LIMIT_PER_SECOND".into(), "0".into()),
@@ -58,8 +76,9 @@ impl Gateway {
         Gateway {
             proc: None,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            data_dir: dir.join("data"),
+            data_dir: data_dir.to_path_buf(),
             env: all,
+            home: dir.to_path_buf(),
             starts: 0,
         }
     }
@@ -75,9 +94,9 @@ impl Gateway {
         }
         // An empty config file pins the embedded defaults, so a box with the Debian package
         // installed (/etc/outpost/gateway.toml) does not leak its settings into tests.
-        let empty = self.data_dir.with_file_name("empty-config.toml");
+        let empty = self.home.join("empty-config.toml");
         if !empty.exists() {
-            let _ = std::fs::create_dir_all(self.data_dir.parent().unwrap_or(&self.data_dir));
+            let _ = std::fs::create_dir_all(&self.home);
             let _ = std::fs::write(&empty, "");
         }
         cmd.env("OUTPOST_CONFIG", &empty);
@@ -87,25 +106,42 @@ impl Gateway {
 
     /// Starts the process and waits until `/health/ready` answers 200.
     pub fn start(&mut self) {
+        if let Err(e) = self.try_start(Duration::from_secs(30)) {
+            panic!("{e}");
+        }
+    }
+
+    /// The log file of the process.
+    pub fn log_path(&self) -> PathBuf {
+        self.home.join("gateway.log")
+    }
+
+    /// Like [`Gateway::start`], but a gateway that does not become ready within `timeout`
+    /// (or exits first) is an error carrying its log, and is killed.
+    pub fn try_start(&mut self, timeout: Duration) -> Result<(), String> {
         assert!(self.proc.is_none(), "gateway already running");
         std::fs::create_dir_all(&self.data_dir).expect("data dir");
         self.starts += 1;
-        let log = self
-            .data_dir
-            .parent()
-            .unwrap_or(&self.data_dir)
-            .join("gateway.log");
+        let log = self.log_path();
         let mut cmd = self.command();
         cmd.arg("run");
         let mut p = ChildProc::spawn("outpost-gateway", cmd, &log);
-        if !wait_http_ok(self.addr, "/health/ready", Duration::from_secs(30)) {
-            let exited = p.exited();
-            panic!(
-                "gateway did not become ready (exited: {exited}); log:\n{}",
-                p.log_text()
-            );
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if wait_http_ok(self.addr, "/health/ready", Duration::from_millis(200)) {
+                break;
+            }
+            if p.exited() || std::time::Instant::now() > deadline {
+                let exited = p.exited();
+                p.kill9();
+                return Err(format!(
+                    "gateway did not become ready (exited: {exited}); log:\n{}",
+                    p.log_text()
+                ));
+            }
         }
         self.proc = Some(p);
+        Ok(())
     }
 
     /// SIGKILL.

@@ -3,6 +3,7 @@ pub mod gateway;
 pub mod mosquitto;
 pub mod pki;
 pub mod postgres;
+pub mod powercut;
 pub mod proc;
 pub mod proxy;
 pub mod relay;

@@ -150,6 +150,9 @@ pub struct Relay {
     pub admin_token: String,
     /// With TLS: the client config (trusting the test CA) the harness's own requests use.
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// Where the log (`relay-<port>.log`) goes: the data dir's parent unless a test moves
+    /// it (e.g. off a test filesystem that a power cut rewinds).
+    pub log_dir: PathBuf,
     env: Vec<(String, String)>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -237,8 +240,27 @@ impl Relay {
             data_dir: data_dir.to_path_buf(),
             admin_token: String::new(),
             tls: None,
+            log_dir: data_dir.parent().unwrap_or(data_dir).to_path_buf(),
             env: all,
             _dir: None,
+        }
+    }
+
+    /// A command for the relay binary with this relay's config (for a CLI run the test
+    /// wants to control itself, e.g. kill).
+    pub fn cli_command(&self) -> Command {
+        self.command()
+    }
+
+    /// The log file of the process.
+    pub fn log_path(&self) -> PathBuf {
+        self.log_dir.join(format!("relay-{}.log", self.addr.port()))
+    }
+
+    /// SIGKILL (no-op when not running).
+    pub fn kill9(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill9();
         }
     }
 
@@ -256,11 +278,7 @@ impl Relay {
         std::fs::create_dir_all(&self.data_dir)?;
         let mut c = self.command();
         c.arg("run");
-        let log = self
-            .data_dir
-            .parent()
-            .unwrap_or(&self.data_dir)
-            .join(format!("relay-{}.log", self.addr.port()));
+        let log = self.log_path();
         let mut p = ChildProc::spawn("outpost-relay", c, &log);
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         let ready = loop {
