@@ -12,8 +12,10 @@
 //!   reached. Both remove a prefix, so the records present are always the contiguous range
 //!   `first_unacked()..next_seq()`. Nothing is ever popped before it was sent.
 //! - **Nothing unflushed is visible.** [`Journal::append`] only writes (sled keeps it in
-//!   memory); [`Journal::flush`] awaits sled's `flush_async`, which fsyncs. The committer
-//!   answers no device before that returns. Readers ([`Journal::read_from`],
+//!   memory); [`Journal::flush`] awaits sled's `flush_async` and then a real `fsync` of
+//!   sled's log file (and of every file and directory when sled changed its set of files;
+//!   see [`durable`]): sled 0.34's flush alone ends in `sync_file_range`, which does not
+//!   survive a power cut. The committer answers no device before that returns. Readers ([`Journal::read_from`],
 //!   [`Journal::records`]) see only records up to the last successful flush (the
 //!   *durable watermark*), so the uplink can never send a record that a crash could still
 //!   take back and whose seq would then be reused.
@@ -49,6 +51,13 @@
 //!
 //! # What happens on each failure
 //!
+//! - **Cannot be opened** (sled panics on a damaged log, corrupt or foreign data, an
+//!   unknown format): the directory is moved aside, a fresh journal in a new epoch is
+//!   opened, and the gateway keeps taking punches; see [`recovery`] and
+//!   `outpost-gateway salvage`.
+//! - **The relay holds seqs this journal never assigned** (a restored backup): the uplink
+//!   calls [`Journal::begin_new_epoch`], so no `(epoch, gateway_seq)` is sent twice with
+//!   different records.
 //! - **kill -9 / power cut** between `append` and the end of `flush`: the group was not
 //!   acknowledged; after restart its records are either all there (then a resend is a
 //!   `duplicate`) or all absent (sled batches are atomic). `open` fsyncs sled's files
