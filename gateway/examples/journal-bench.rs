@@ -21,8 +21,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use outpost_gateway::committer::{self, Pending};
-use outpost_gateway::journal::{Journal, JournalConfig};
+use outpost_gateway::committer;
+use outpost_gateway::journal::{Journal, JournalConfig, Pending};
 use outpost_gateway::metrics::Metrics;
 use outpost_protocol::{BootId, Id, Punch, PunchKind, Received, Source, VerifyMethod};
 use tokio_util::sync::CancellationToken;

@@ -19,13 +19,13 @@
 
 use std::time::Instant;
 
-use outpost_protocol::{Punch, Received, RejectCode, Source};
+use outpost_protocol::RejectCode;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
 
-use crate::journal::Journal;
+use crate::journal::{Journal, Outcome, Pending};
 use crate::metrics::Metrics;
 
 /// Most punches written in one group commit (a single larger request is still one group).
@@ -33,31 +33,6 @@ pub const MAX_GROUP_PUNCHES: usize = 4096;
 
 /// Requests that may wait in the committer's queue before submitters wait for room.
 pub const QUEUE_DEPTH: usize = 1024;
-
-/// A punch on its way to the journal, stamped at arrival.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Pending {
-    /// The validated punch.
-    pub punch: Punch,
-    /// When the gateway received it.
-    pub received: Received,
-    /// Which ingest path it came through.
-    pub source: Source,
-}
-
-/// What happened to one pending punch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Durably stored under this `gateway_seq`.
-    Accepted {
-        /// The journal position.
-        gateway_seq: u64,
-    },
-    /// The same (device_id, device_seq) is already in the journal or its dedup window.
-    Duplicate,
-    /// Not stored: `StorageFull`, `Internal` or `Unavailable`.
-    Rejected(RejectCode),
-}
 
 /// One group-commit request.
 pub(crate) struct Request {

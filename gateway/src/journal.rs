@@ -88,6 +88,7 @@ mod config;
 mod durable;
 mod error;
 mod layout;
+mod pending;
 mod recovery;
 mod writer;
 
@@ -103,9 +104,9 @@ pub use config::{
     parse_duration, DedupWindow, JournalConfig, OnFull, MIN_CACHE_BYTES, MIN_MAX_BYTES,
 };
 pub use error::JournalError;
+pub use pending::{Outcome, Pending};
 pub use recovery::{salvage, SalvageReport, SetAside};
 
-use crate::committer::{Outcome, Pending};
 use durable::Durability;
 use layout::Meta;
 use writer::{Writer, EXPIRE_BUDGET};

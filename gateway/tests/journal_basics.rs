@@ -4,8 +4,9 @@
 mod journal_support;
 
 use journal_support::{cfg, pending, quota};
-use outpost_gateway::committer::Outcome;
-use outpost_gateway::journal::{Journal, JournalConfig, JournalError, OnFull, MIN_MAX_BYTES};
+use outpost_gateway::journal::{
+    Journal, JournalConfig, JournalError, OnFull, Outcome, MIN_MAX_BYTES,
+};
 use outpost_protocol::RejectCode;
 
 fn block_flush(j: &Journal) {

@@ -6,8 +6,8 @@ mod journal_support;
 use std::collections::HashMap;
 
 use journal_support::{cfg, pending};
-use outpost_gateway::committer::{self, Outcome};
-use outpost_gateway::journal::Journal;
+use outpost_gateway::committer;
+use outpost_gateway::journal::{Journal, Outcome};
 use outpost_gateway::metrics::Metrics;
 use outpost_protocol::RejectCode;
 use tokio_util::sync::CancellationToken;

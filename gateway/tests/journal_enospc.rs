@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use journal_support::{cfg, pending};
-use outpost_gateway::committer::{self, Outcome, Pending};
-use outpost_gateway::journal::Journal;
+use outpost_gateway::committer;
+use outpost_gateway::journal::{Journal, Outcome, Pending};
 use outpost_gateway::metrics::Metrics;
 use outpost_protocol::RejectCode;
 use tokio_util::sync::CancellationToken;

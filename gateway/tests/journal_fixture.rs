@@ -23,9 +23,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use outpost_gateway::committer::{Outcome, Pending};
 use outpost_gateway::export::{self, Format};
-use outpost_gateway::journal::{Journal, JournalConfig};
+use outpost_gateway::journal::{Journal, JournalConfig, Outcome, Pending};
 use outpost_protocol::{BootId, Id, Punch, PunchKind, Received, Record, Source, VerifyMethod};
 use serde_json::Value;
 

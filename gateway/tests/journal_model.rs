@@ -15,8 +15,7 @@ mod journal_support;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use journal_support::{cfg, pending};
-use outpost_gateway::committer::{Outcome, Pending};
-use outpost_gateway::journal::{DedupWindow, Journal, JournalConfig, OnFull};
+use outpost_gateway::journal::{DedupWindow, Journal, JournalConfig, OnFull, Outcome, Pending};
 use outpost_protocol::RejectCode;
 use proptest::prelude::*;
 

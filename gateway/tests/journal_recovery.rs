@@ -5,8 +5,7 @@
 mod journal_support;
 
 use journal_support::{cfg, pending};
-use outpost_gateway::committer::Outcome;
-use outpost_gateway::journal::{salvage, Journal};
+use outpost_gateway::journal::{salvage, Journal, Outcome};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()

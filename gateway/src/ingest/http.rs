@@ -44,7 +44,8 @@ use tokio::sync::watch;
 
 use crate::auth::{bearer, DeviceTable};
 use crate::clock::Clock;
-use crate::committer::{CommitterHandle, Outcome, Pending};
+use crate::committer::CommitterHandle;
+use crate::journal::{Outcome, Pending};
 use crate::metrics::{IngestLabels, Metrics};
 use crate::ratelimit::RateLimiter;
 

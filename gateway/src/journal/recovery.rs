@@ -34,8 +34,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use super::{layout, open_store_waiting, JournalConfig, JournalError, Opened};
-use crate::committer::{Outcome, Pending};
-use crate::journal::Journal;
+use super::{Journal, Outcome, Pending};
 
 /// A journal directory that was moved aside because it could not be opened.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -1,8 +1,7 @@
 //! Shared helpers for the journal tests.
 #![allow(dead_code)]
 
-use outpost_gateway::committer::Pending;
-use outpost_gateway::journal::{JournalConfig, OnFull};
+use outpost_gateway::journal::{JournalConfig, OnFull, Pending};
 use outpost_protocol::{BootId, Id, Punch, PunchKind, Received, Source, VerifyMethod};
 
 /// A valid punch from `device` with `seq`, stamped deterministically.

@@ -20,7 +20,7 @@ use super::handshake::options_text;
 use super::parse::{parse_attlog, SkipReason};
 use super::stamps::StampTable;
 use super::state::{Admission, AdmsState};
-use crate::committer::{Outcome, Pending};
+use crate::journal::{Outcome, Pending};
 use crate::metrics::IngestLabels;
 
 /// Skipped lines logged one by one per upload; the rest are summarised.

@@ -38,7 +38,8 @@ use super::client::{Incoming, Shared};
 use super::payload::{self, AckItem, Decoded, Rejection};
 use super::status::MqttStatus;
 use crate::clock::Clock;
-use crate::committer::{CommitterHandle, Outcome, Pending};
+use crate::committer::CommitterHandle;
+use crate::journal::{Outcome, Pending};
 use crate::metrics::{IngestLabels, Metrics};
 
 /// Most messages decoded and submitted together.
