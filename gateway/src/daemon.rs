@@ -51,7 +51,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let clock = Clock::new();
 
     let t0 = Instant::now();
-    let journal = Journal::open(cfg.journal_dir(), &cfg.journal)
+    // sled's open (and its fsync of every file) is blocking: keep it off the async workers.
+    let (dir, jcfg) = (cfg.journal_dir(), cfg.journal.clone());
+    let journal = tokio::task::spawn_blocking(move || Journal::open(dir, &jcfg))
+        .await
+        .context("the journal open task failed")?
         .with_context(|| format!("cannot open the journal in {}", cfg.journal_dir().display()))?;
     let stats = journal.stats();
     tracing::info!(

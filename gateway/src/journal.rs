@@ -81,8 +81,18 @@
 //!   0.34 it changes nothing measurable.
 //! - **Another process holds the journal**: [`JournalError::InUse`] (sled's file lock).
 //!
-//! Every public method can be called from any thread; one mutex serialises writers
-//! (`append`, `trim_through`), and readers hold it only to copy the bounds.
+//! # Threads
+//!
+//! Every public method can be called from any thread. One mutex serialises the writers
+//! (`append`, `trim_through`, `begin_new_epoch`, the end of `flush`, and the reopen after
+//! an I/O error, which runs inside the write that finds the journal broken). Readers never
+//! take it: after every change the writer publishes the counters and the durable
+//! watermark through `tokio::sync::watch` (see [`view`]), so [`Journal::stats`],
+//! [`Journal::durable_through`] and the other cheap getters never wait for sled, and a task
+//! can await a change with [`Journal::watch_durable`] or [`Journal::watch_stats`].
+//! `open`, `append`, `trim_through`, `begin_new_epoch`, `read_from` and `records` do
+//! blocking sled work: on the async runtime, call them in `spawn_blocking`. `flush` is
+//! async and does its blocking part (the fsync, taking the writer's lock) there itself.
 
 mod config;
 mod durable;
@@ -90,14 +100,16 @@ mod error;
 mod layout;
 mod pending;
 mod recovery;
+mod view;
 mod writer;
 
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use outpost_protocol::{cbor, Record, RejectCode};
-use serde::Serialize;
+use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 pub use config::{
@@ -106,9 +118,11 @@ pub use config::{
 pub use error::JournalError;
 pub use pending::{Outcome, Pending};
 pub use recovery::{salvage, SalvageReport, SetAside};
+pub use view::JournalStats;
 
 use durable::Durability;
 use layout::Meta;
+use view::{Publisher, View};
 use writer::{Writer, EXPIRE_BUDGET};
 
 /// Records trimmed per atomic batch (a large trim is several batches; each leaves the
@@ -124,39 +138,6 @@ const REOPEN_LOCK_WAIT: Duration = Duration::from_secs(3);
 /// handle is dropped; only a journal that really is in use pays the whole wait.
 const OPEN_LOCK_WAIT: Duration = Duration::from_secs(5);
 
-/// A point-in-time summary for the status page and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct JournalStats {
-    /// Records held (not yet acknowledged by the relay, not evicted).
-    pub records: u64,
-    /// Logical bytes of the records held (with their dedup keys): what `journal.max_bytes`
-    /// limits.
-    pub bytes: u64,
-    /// Logical bytes of the dedup window (keys of trimmed records), bounded by
-    /// `dedup_window.max_keys` rather than by the quota.
-    pub window_bytes: u64,
-    /// Gateway wall-clock receive time of the oldest record held, Unix ms.
-    pub oldest_received_wall_ms: Option<i64>,
-    /// The seq the next record gets.
-    pub next_seq: u64,
-    /// Highest seq the relay acknowledged (0 = none yet).
-    pub trimmed_through: u64,
-    /// Lowest seq still held (= `next_seq` when empty).
-    pub first_unacked: u64,
-    /// Highest seq known to be on disk (readers see up to here).
-    pub durable_through: u64,
-    /// Dedup keys remembered (records held + trimmed within the window).
-    pub dedup_keys: u64,
-    /// Of those, keys of trimmed records (bounded by `dedup_window.max_keys`).
-    pub dedup_window_keys: u64,
-    /// Records evicted by `on_full = "drop_oldest"` over the journal's life.
-    pub evicted: u64,
-    /// `journal.max_bytes`.
-    pub max_bytes: u64,
-    /// `false` while the journal is recovering from an I/O error (not writable).
-    pub writable: bool,
-}
-
 /// The durable journal. Cheap to clone; all clones share one sled database.
 #[derive(Clone)]
 pub struct Journal {
@@ -171,7 +152,10 @@ struct Shared {
     /// Journals that could not be opened and were moved aside (this start or earlier),
     /// until `outpost-gateway salvage` has taken their records back.
     set_aside: Vec<SetAside>,
+    /// The writer's state. Only writers lock it; readers use `published`.
     inner: Mutex<Inner>,
+    /// What readers see, republished by the writer after every change.
+    published: Publisher,
 }
 
 struct Inner {
@@ -199,9 +183,11 @@ fn now_ms() -> i64 {
 
 impl Journal {
     /// Opens (or creates) the journal in `dir`. Fails with [`JournalError::InUse`] if
-    /// another process has it open (after waiting up to half a second, in case it is this
-    /// process's own previous handle closing), [`JournalError::Config`] for unusable
-    /// settings. No scan: a million-record journal opens in well under a second.
+    /// another process has it open (after waiting up to 5 seconds, `OPEN_LOCK_WAIT`, in
+    /// case it is this process's own previous handle closing), [`JournalError::Config`] for
+    /// unusable settings. No scan: a million-record journal opens in well under a second.
+    /// Blocking (sled's open and an fsync of every file): on the async runtime, call it in
+    /// `spawn_blocking`.
     pub fn open(dir: impl AsRef<Path>, cfg: &JournalConfig) -> Result<Journal, JournalError> {
         cfg.validate()
             .map_err(|(key, msg)| JournalError::Config(format!("journal.{key}: {msg}")))?;
@@ -247,19 +233,21 @@ impl Journal {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "journal opened"
         );
+        let inner = Inner {
+            db: Some(db),
+            generation: 0,
+            durable_through: meta.next_seq - 1,
+            meta,
+            broken: None,
+        };
         Ok(Journal {
             shared: Arc::new(Shared {
                 durability: Durability::new(&dir),
+                published: Publisher::new(view_of(&inner, cfg.max_bytes)),
                 dir,
                 cfg: cfg.clone(),
                 set_aside,
-                inner: Mutex::new(Inner {
-                    db: Some(db),
-                    generation: 0,
-                    durable_through: meta.next_seq - 1,
-                    meta,
-                    broken: None,
-                }),
+                inner: Mutex::new(inner),
             }),
         })
     }
@@ -283,7 +271,7 @@ impl Journal {
     /// The random id of this journal, made when it was created; batches carry it so the
     /// relay never confuses seqs of a reinstalled box with older ones.
     pub fn epoch(&self) -> u64 {
-        self.lock().meta.epoch
+        self.shared.published.view().epoch
     }
 
     /// Moves the journal to a fresh random epoch, durably, and returns it. The records
@@ -311,19 +299,31 @@ impl Journal {
             "journal moved to a new epoch"
         );
         inner.meta = meta;
+        self.publish(&inner);
         Ok(meta.epoch)
     }
 
+    /// The writer's lock. Never taken by readers, nor on a tokio worker thread: a writer
+    /// may hold it for seconds while it reopens sled after an I/O error.
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave sled half-written (batches are
         // atomic), and the meta is only replaced after a successful apply.
         self.shared.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Makes the writer's current state what readers see. Called with the lock held, at
+    /// the end of every change.
+    fn publish(&self, inner: &Inner) {
+        self.shared
+            .published
+            .publish(view_of(inner, self.shared.cfg.max_bytes));
+    }
+
     /// Writes `items` in one atomic batch and returns one outcome per item, in order:
     /// `Accepted` with its seq, `Duplicate`, or `Rejected(StorageFull)` when the quota
     /// refuses it. **Not durable** until [`Journal::flush`] returns: callers must not
     /// acknowledge anything before that. An `Err` means nothing of the group was written.
+    /// Blocking: on the async runtime, call it in `spawn_blocking`.
     pub fn append(&self, items: &[Pending]) -> Result<Vec<Outcome>, JournalError> {
         self.append_at(items, now_ms())
     }
@@ -385,7 +385,7 @@ impl Journal {
     }
 
     fn commit(&self, inner: &mut Inner, w: Writer<'_>) -> Result<Meta, JournalError> {
-        match w.commit() {
+        let committed = match w.commit() {
             Ok(meta) => {
                 inner.meta = meta;
                 Ok(meta)
@@ -394,40 +394,65 @@ impl Journal {
                 mark_broken(inner, &e);
                 Err(e)
             }
+        };
+        self.publish(inner);
+        committed
+    }
+
+    /// Makes everything appended so far durable (sled `flush_async`, then an fsync; see
+    /// [`durable`]). On error the journal reopens itself at the next write; the caller must
+    /// treat the records appended since the last successful flush as not stored. Never
+    /// blocks the async runtime: the fsync and the update of the watermark (which takes
+    /// the writer's lock) run in `spawn_blocking`.
+    pub async fn flush(&self) -> Result<(), JournalError> {
+        // Appends publish before they return, so this covers every append that returned
+        // before the flush started.
+        let (db, target, generation) = {
+            let view = self.shared.published.view();
+            if let Some((reason, full)) = &view.broken {
+                return Err(self.recovering(reason, *full));
+            }
+            let Some(db) = view.db.clone() else {
+                return Err(self.recovering("the journal is closed", false));
+            };
+            (db, view.stats.next_seq - 1, view.generation)
+        };
+        let flushed = db.flush_async().await.map(|_| ());
+        drop(db);
+        let j = self.clone();
+        match tokio::task::spawn_blocking(move || j.finish_flush(flushed, target, generation)).await
+        {
+            Ok(r) => r,
+            Err(e) => Err(JournalError::from_sled(
+                self.shared.dir.clone(),
+                sled::Error::Io(std::io::Error::other(format!("flush task failed: {e}"))),
+            )),
         }
     }
 
-    /// Makes everything appended so far durable (sled `flush_async`, which fsyncs). On
-    /// error the journal reopens itself at the next write; the caller must treat the
-    /// records appended since the last successful flush as not stored.
-    pub async fn flush(&self) -> Result<(), JournalError> {
-        let (db, target, generation) = {
-            let inner = self.lock();
-            if let Some(e) = self.broken_error(&inner) {
-                return Err(e);
-            }
-            let Some(db) = inner.db.clone() else {
-                return Err(self.recovering("the journal is closed", false));
-            };
-            (db, inner.meta.next_seq - 1, inner.generation)
-        };
-        let mut result = db.flush_async().await.map(|_| ());
-        drop(db);
-        if result.is_ok() {
+    /// The blocking end of [`Journal::flush`]: the fsync sled leaves out, then the
+    /// watermark moves to `target` (or the journal is marked broken).
+    fn finish_flush(
+        &self,
+        flushed: sled::Result<()>,
+        target: u64,
+        generation: u64,
+    ) -> Result<(), JournalError> {
+        let result = flushed.and_then(|()| {
             // sled's flush is not an fsync (see `durable`): this is what makes the group
-            // survive a power cut.
-            let j = self.clone();
-            let synced = tokio::task::spawn_blocking(move || j.shared.durability.sync()).await;
-            let io = |e: std::io::Error| Err(sled::Error::Io(e));
-            result = match synced {
+            // survive a power cut. A panic in it must still mark the journal broken.
+            let synced =
+                std::panic::catch_unwind(AssertUnwindSafe(|| self.shared.durability.sync()));
+            match synced {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => io(e.source),
-                Err(e) => io(std::io::Error::other(format!("fsync task failed: {e}"))),
-            };
-        }
+                Ok(Err(e)) => Err(sled::Error::Io(e.source)),
+                Err(_) => Err(sled::Error::Io(std::io::Error::other("the fsync panicked"))),
+            }
+        });
         let mut inner = self.lock();
-        match result {
+        let done = match result {
             Ok(()) => {
+                // A reopen since the flush started reset the watermark from the disk.
                 if inner.generation == generation && target > inner.durable_through {
                     inner.durable_through = target;
                 }
@@ -440,7 +465,9 @@ impl Journal {
                 }
                 Err(e)
             }
-        }
+        };
+        self.publish(&inner);
+        done
     }
 
     /// Up to `max_records` durable records with `gateway_seq >= from`, in seq order, and
@@ -483,14 +510,21 @@ impl Journal {
         })
     }
 
+    /// The sled handle and the seq range readers may see, from the published view (a
+    /// reader never waits for the writer).
     fn read_bounds(&self, from: u64) -> Result<(sled::Db, u64, u64), JournalError> {
-        let inner = self.lock();
-        let Some(db) = inner.db.clone() else {
-            return Err(self
-                .broken_error(&inner)
-                .unwrap_or_else(|| self.recovering("the journal is closed", false)));
+        let view = self.shared.published.view();
+        let Some(db) = view.db.clone() else {
+            return Err(match &view.broken {
+                Some((reason, full)) => self.recovering(reason, *full),
+                None => self.recovering("the journal is closed", false),
+            });
         };
-        Ok((db, from.max(inner.meta.first_seq), inner.durable_through))
+        Ok((
+            db,
+            from.max(view.stats.first_unacked),
+            view.stats.durable_through,
+        ))
     }
 
     fn decode(&self, v: &[u8]) -> Result<Record, JournalError> {
@@ -504,6 +538,7 @@ impl Journal {
     /// keeping their dedup keys for the window. Idempotent; `seq` is capped at the durable
     /// watermark (an ack can only name what was sent). Returns the new `trimmed_through`.
     /// Not flushed by itself: a crash may undo it, and then the records are resent.
+    /// Blocking: on the async runtime, call it in `spawn_blocking`.
     pub fn trim_through(&self, seq: u64) -> Result<u64, JournalError> {
         self.trim_through_at(seq, now_ms())
     }
@@ -536,55 +571,44 @@ impl Journal {
     }
 
     /// Lowest seq still held (= [`Journal::next_seq`] when empty): where the uplink
-    /// starts after a restart.
+    /// starts after a restart. Cheap, never waits for the writer.
     pub fn first_unacked(&self) -> u64 {
-        self.lock().meta.first_seq
+        self.shared.published.stats().first_unacked
     }
 
-    /// The seq the next record will get.
+    /// The seq the next record will get. Cheap, never waits for the writer.
     pub fn next_seq(&self) -> u64 {
-        self.lock().meta.next_seq
+        self.shared.published.stats().next_seq
     }
 
-    /// Highest seq on disk; readers see records up to here.
+    /// Highest seq on disk; readers see records up to here. Cheap, never waits for the
+    /// writer.
     pub fn durable_through(&self) -> u64 {
-        self.lock().durable_through
+        self.shared.published.durable_through()
     }
 
-    /// Counters for the status page and metrics (one extra lookup for the oldest record).
+    /// Counters for the status page and metrics, as of the last change. Cheap, never
+    /// waits for the writer.
     pub fn stats(&self) -> JournalStats {
-        let inner = self.lock();
-        let m = inner.meta;
-        let oldest = if m.records() > 0 {
-            inner
-                .db
-                .as_ref()
-                .and_then(|db| db.get(layout::record_key(m.first_seq)).ok().flatten())
-                .and_then(|v| cbor::decode_exact::<Record>(&v).ok())
-                .map(|r| r.received.wall_ms)
-        } else {
-            None
-        };
-        JournalStats {
-            records: m.records(),
-            bytes: m.record_bytes,
-            window_bytes: m.window_bytes,
-            oldest_received_wall_ms: oldest,
-            next_seq: m.next_seq,
-            trimmed_through: m.trimmed_through,
-            first_unacked: m.first_seq,
-            durable_through: inner.durable_through,
-            dedup_keys: m.dedup_keys,
-            dedup_window_keys: m.tombstones,
-            evicted: m.evicted,
-            max_bytes: self.shared.cfg.max_bytes,
-            writable: inner.broken.is_none() && inner.db.is_some(),
-        }
+        self.shared.published.stats()
+    }
+
+    /// The durable watermark ([`Journal::durable_through`]), to await its next change
+    /// instead of polling. Every flush, reopen and new epoch publishes it; it moves back
+    /// only when a reopen after an I/O error finds less on disk than was flushed before.
+    pub fn watch_durable(&self) -> watch::Receiver<u64> {
+        self.shared.published.watch_durable()
+    }
+
+    /// The counters ([`Journal::stats`]), republished after every append, flush, trim,
+    /// reopen and epoch change; a receiver is woken only when a value changed.
+    pub fn watch_stats(&self) -> watch::Receiver<JournalStats> {
+        self.shared.published.watch_stats()
     }
 
     /// Size of sled's files on disk (for comparing with the logical `bytes`).
     pub fn size_on_disk(&self) -> Result<u64, JournalError> {
-        let db = self.lock().db.clone();
+        let db = self.shared.published.view().db.clone();
         match db {
             Some(db) => db
                 .size_on_disk()
@@ -599,13 +623,6 @@ impl Journal {
             reason: reason.to_string(),
             disk_full,
         }
-    }
-
-    fn broken_error(&self, inner: &Inner) -> Option<JournalError> {
-        inner
-            .broken
-            .as_ref()
-            .map(|(r, full)| self.recovering(r, *full))
     }
 
     /// The sled handle for a write; reopens first if an I/O error broke the journal.
@@ -623,8 +640,11 @@ impl Journal {
     fn reopen(&self, inner: &mut Inner) -> Result<sled::Db, JournalError> {
         let dir = &self.shared.dir;
         inner.db = None;
+        // Drops the published handle too: sled lets go of its file lock only when the last
+        // handle is gone. Readers get `Recovering` until the reopen is done.
+        self.publish(inner);
         let opened = open_store_waiting(dir, &self.shared.cfg, REOPEN_LOCK_WAIT);
-        match opened {
+        let reopened = match opened {
             Ok((db, meta)) if meta.epoch == inner.meta.epoch => {
                 inner.generation += 1;
                 inner.durable_through = meta.next_seq - 1;
@@ -650,7 +670,46 @@ impl Journal {
                 inner.broken = Some((e.to_string(), full));
                 Err(self.recovering(&e.to_string(), full))
             }
-        }
+        };
+        self.publish(inner);
+        reopened
+    }
+}
+
+/// The snapshot readers see of the writer's state (see [`view`]): one lookup for the
+/// oldest record's receive time.
+fn view_of(inner: &Inner, max_bytes: u64) -> View {
+    let m = inner.meta;
+    let oldest = if m.records() > 0 {
+        inner
+            .db
+            .as_ref()
+            .and_then(|db| db.get(layout::record_key(m.first_seq)).ok().flatten())
+            .and_then(|v| cbor::decode_exact::<Record>(&v).ok())
+            .map(|r| r.received.wall_ms)
+    } else {
+        None
+    };
+    View {
+        db: inner.db.clone(),
+        generation: inner.generation,
+        epoch: m.epoch,
+        broken: inner.broken.clone(),
+        stats: JournalStats {
+            records: m.records(),
+            bytes: m.record_bytes,
+            window_bytes: m.window_bytes,
+            oldest_received_wall_ms: oldest,
+            next_seq: m.next_seq,
+            trimmed_through: m.trimmed_through,
+            first_unacked: m.first_seq,
+            durable_through: inner.durable_through,
+            dedup_keys: m.dedup_keys,
+            dedup_window_keys: m.tombstones,
+            evicted: m.evicted,
+            max_bytes,
+            writable: inner.broken.is_none() && inner.db.is_some(),
+        },
     }
 }
 

@@ -181,3 +181,80 @@ fn foreign_database_is_set_aside_not_used() {
     let db = raw_open(&aside[0].path);
     assert_eq!(db.get(b"hello").unwrap().as_deref(), Some(&b"world"[..]));
 }
+
+#[test]
+fn readers_never_wait_for_the_writer_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(dir.path(), &cfg(1000, 3600)).unwrap();
+    let mut durable = j.watch_durable();
+    let mut stats = j.watch_stats();
+    j.append_at(&[p("a", 1), p("a", 2)], T0).unwrap();
+    assert!(
+        stats.has_changed().unwrap(),
+        "an append publishes the counters"
+    );
+    assert_eq!(stats.borrow_and_update().records, 2);
+    assert!(
+        !durable.has_changed().unwrap(),
+        "not durable before the flush"
+    );
+    flush(&j);
+    assert!(durable.has_changed().unwrap());
+    assert_eq!(*durable.borrow_and_update(), 2);
+
+    // Held as a reopen after an I/O error holds it, for seconds: readers still answer.
+    let epoch = j.epoch();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let guard = j.lock();
+        s.spawn(|| {
+            let st = j.stats();
+            let got = (
+                st.records,
+                j.durable_through(),
+                j.first_unacked(),
+                j.next_seq(),
+                j.epoch() == epoch,
+                j.read_from(0, 10, 1 << 20).map(|r| r.len()).ok(),
+            );
+            tx.send(got).unwrap();
+        });
+        let got = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("a reader waited for the writer's lock");
+        assert_eq!(got, (2, 2, 1, 3, true, Some(2)));
+        drop(guard);
+    });
+}
+
+#[test]
+fn a_reopen_is_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(dir.path(), &cfg(1000, 3600)).unwrap();
+    j.append_at(&[p("a", 1)], T0).unwrap();
+    flush(&j);
+    // Appended but never flushed, then the journal breaks (as after ENOSPC).
+    j.append_at(&[p("a", 2)], T0).unwrap();
+    {
+        let mut inner = j.lock();
+        let e = j.recovering("test: disk full", true);
+        mark_broken(&mut inner, &e);
+        j.publish(&inner);
+    }
+    let st = j.stats();
+    assert!(!st.writable);
+    assert_eq!((st.next_seq, st.durable_through), (3, 1));
+    let mut stats = j.watch_stats();
+    let mut durable = j.watch_durable();
+    // The next write reopens sled; what it finds on disk is published.
+    let out = j.append_at(&[p("a", 3)], T0).unwrap();
+    assert!(matches!(out[0], Outcome::Accepted { .. }), "{out:?}");
+    assert!(stats.has_changed().unwrap());
+    let st = *stats.borrow_and_update();
+    assert!(st.writable);
+    assert_eq!(st.durable_through, *durable.borrow_and_update());
+    assert_eq!(j.durable_through(), st.durable_through);
+    assert!(st.durable_through >= 1 && st.next_seq == st.durable_through + 2);
+    flush(&j);
+    assert_eq!(j.durable_through(), j.next_seq() - 1);
+}
