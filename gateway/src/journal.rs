@@ -85,11 +85,12 @@
 //!
 //! Every public method can be called from any thread. One mutex serialises the writers
 //! (`append`, `trim_through`, `begin_new_epoch`, the end of `flush`, and the reopen after
-//! an I/O error, which runs inside the write that finds the journal broken). Readers never
-//! take it: after every change the writer publishes the counters and the durable
+//! an I/O error, which runs inside the write that finds the journal broken). Readers do
+//! not take it: after every change the writer publishes the counters and the durable
 //! watermark through `tokio::sync::watch` (see [`view`]), so [`Journal::stats`],
 //! [`Journal::durable_through`] and the other cheap getters never wait for sled, and a task
-//! can await a change with [`Journal::watch_durable`] or [`Journal::watch_stats`].
+//! can await a change with [`Journal::watch_durable`] or [`Journal::watch_stats`]. (Only
+//! `read_from` and `records`, already blocking, wait for a reopen that is under way.)
 //! `open`, `append`, `trim_through`, `begin_new_epoch`, `read_from` and `records` do
 //! blocking sled work: on the async runtime, call them in `spawn_blocking`. `flush` is
 //! async and does its blocking part (the fsync, taking the writer's lock) there itself.
@@ -510,21 +511,33 @@ impl Journal {
         })
     }
 
-    /// The sled handle and the seq range readers may see, from the published view (a
-    /// reader never waits for the writer).
+    /// The sled handle and the seq range readers may see: from the published view, so a
+    /// read never waits for a writer's batch. Only while a reopen after an I/O error has
+    /// no handle to offer does it wait for the writer (as a write would) and read from what
+    /// the reopen left; `read_from` and `records` are blocking calls anyway.
     fn read_bounds(&self, from: u64) -> Result<(sled::Db, u64, u64), JournalError> {
-        let view = self.shared.published.view();
-        let Some(db) = view.db.clone() else {
-            return Err(match &view.broken {
-                Some((reason, full)) => self.recovering(reason, *full),
-                None => self.recovering("the journal is closed", false),
-            });
-        };
-        Ok((
-            db,
-            from.max(view.stats.first_unacked),
-            view.stats.durable_through,
-        ))
+        {
+            // The borrow must end before the writer's lock is taken: the writer publishes
+            // while holding that lock.
+            let view = self.shared.published.view();
+            if let Some(db) = view.db.clone() {
+                return Ok((
+                    db,
+                    from.max(view.stats.first_unacked),
+                    view.stats.durable_through,
+                ));
+            }
+        }
+        let inner = self.lock();
+        match (&inner.db, &inner.broken) {
+            (Some(db), _) => Ok((
+                db.clone(),
+                from.max(inner.meta.first_seq),
+                inner.durable_through,
+            )),
+            (None, Some((reason, full))) => Err(self.recovering(reason, *full)),
+            (None, None) => Err(self.recovering("the journal is closed", false)),
+        }
     }
 
     fn decode(&self, v: &[u8]) -> Result<Record, JournalError> {
