@@ -1,7 +1,8 @@
-//! One connection to a relay: open it (token, TLS, transport), then run the session loop
-//! that sends batches within the window, takes acks in order, and trims.
+//! One connection to a relay: open it (token, TLS, transport), then perform what the
+//! [`Session`](super::session::Session) decides: read batches from the journal on the
+//! blocking pool, send them, take acks, save time anchors, trim, ping. Every decision is
+//! the session's; this file only does the I/O and the bookkeeping for status and metrics.
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use outpost_ops::file::replace_atomic;
@@ -13,33 +14,29 @@ use tracing::{info, warn};
 use super::batcher::{self, BatchError, Prepared};
 use super::config::Transport;
 use super::link::{Endpoint, Link, LinkError};
+use super::session::{AckNext, Acked, Prepare, TickAction};
 use super::status::Health;
-use super::task::{Uplink, POLL};
-use super::token::{read_token, TOKEN_ENV};
+use super::task::{durable_advanced, Uplink};
+use super::token::{relay_token, TOKEN_ENV};
 use super::{anchors, https, tls, ws};
 
-/// A batch sent and not yet acknowledged.
-#[derive(Debug)]
-struct InFlight {
-    first: u64,
-    last: u64,
-    records: u64,
-    anchors: Vec<TimeAnchor>,
-    sent_at: Instant,
-    sent_mono: u64,
-}
-
 /// How a session ended: whether any ack arrived, and the error (none = shutdown).
-type SessionEnd = (bool, Option<LinkError>);
+pub(super) type SessionEnd = (bool, Option<LinkError>);
+
+/// A batch being read and encoded on the blocking pool.
+type Preparing = JoinHandle<Result<Option<Prepared>, BatchError>>;
 
 enum Event {
     Shutdown,
     Ack(Result<Ack, LinkError>),
     Prepared(Result<Result<Option<Prepared>, BatchError>, tokio::task::JoinError>),
-    Send,
+    /// The session's wake time: a batch may go, or waiting records reached their age.
+    Wake,
     Tick,
-    Poll,
+    /// New durable records.
+    Durable,
 }
+
 async fn join_opt<T>(h: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
     match h {
         Some(h) => h.await,
@@ -47,30 +44,21 @@ async fn join_opt<T>(h: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task::Jo
     }
 }
 
-impl Uplink {
-    /// The relay token (see [`read_token`]), or an error saying how to provide one.
-    fn token(&self) -> Result<Option<String>, LinkError> {
-        let path = self.cfg.token_file(&self.ctx.data_dir);
-        read_token(
-            std::env::var(TOKEN_ENV).ok(),
-            &path,
-            self.cfg.has_client_cert(),
-        )
-        .map_err(|why| {
-            LinkError::Local(format!(
-                "no relay token ({why}): put the token printed by `outpost-relay gateway add {} --site {}` in {} (uplink.token_file), or set {TOKEN_ENV}, or authenticate with a TLS client certificate instead (uplink.client_cert_file and uplink.client_key_file)",
-                self.header.gateway_id, self.header.site_id, path.display()
-            ))
-        })
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
     }
+}
 
+impl Uplink {
     /// Connects to `ep` and runs a session. `None` when shutdown came first.
     pub(super) async fn connect_and_run(
         &mut self,
         ep: &Endpoint,
         shutdown: &CancellationToken,
     ) -> Option<SessionEnd> {
-        let token = match self.token() {
+        let token = match relay_token(&self.cfg, &self.ctx.data_dir, self.session.header()) {
             Ok(t) => t,
             Err(e) => return Some((false, Some(e))),
         };
@@ -140,114 +128,107 @@ impl Uplink {
             s.health = Health::Online;
             s.detail = format!("connected to {}", ep.full_url());
         });
-        let end = self.session(&mut link, shutdown).await;
+        let end = self.run_session(&mut link, shutdown).await;
+        self.session.on_link_lost();
         link.close().await;
         end
     }
 
-    fn publish(&self, cursor: u64, durable: u64, inflight: usize) {
-        let unsent = (durable + 1).saturating_sub(cursor);
-        let behind = unsent + inflight as u64 * self.batch_limit as u64;
+    /// Publishes the backlog and `online` / `draining` for status.
+    fn publish(&self, durable: u64) {
+        let unsent = self.session.unsent(durable);
+        let inflight = self.session.inflight();
+        let limit = self.session.batch_limit() as u64;
+        let behind = unsent + inflight as u64 * limit;
         self.handle.update(|s| {
             s.unsent = unsent;
             s.inflight = inflight;
-            let h = if unsent > self.batch_limit as u64
-                || (inflight > 1 && behind > self.batch_limit as u64)
-            {
+            s.health = if unsent > limit || (inflight > 1 && behind > limit) {
                 Health::Draining
             } else {
                 Health::Online
             };
-            s.health = h;
         });
     }
 
+    /// Performs [`Prepare`]: records on the blocking pool (the returned handle), anchors
+    /// here and now. `hello` only changes the warning.
+    fn start(&mut self, what: Prepare, hello: bool) -> Option<Preparing> {
+        match what {
+            Prepare::Anchors { at } => {
+                let untold = self.anchors.untold();
+                match batcher::anchors_only(self.session.header(), at, untold) {
+                    Ok(p) => self.session.on_prepared(p),
+                    Err(e) if hello => warn!(error = %e, "cannot encode the hello batch"),
+                    Err(e) => warn!(error = %e, "cannot encode an anchor-only batch"),
+                }
+                None
+            }
+            Prepare::Records { from, max_records } => {
+                let (j, header) = (self.ctx.journal.clone(), self.session.header().clone());
+                let max_bytes = self.cfg.batch_max_bytes;
+                let (all, current) = (self.anchors.all(), self.ctx.clock.boot_id());
+                Some(tokio::task::spawn_blocking(move || {
+                    batcher::prepare(&j, &header, from, max_records, max_bytes, |boots| {
+                        anchors::select(&all, current, boots)
+                    })
+                }))
+            }
+        }
+    }
+
     /// One connection's life: send batches with a window, take acks, trim.
-    async fn session<L: Link>(&mut self, link: &mut L, shutdown: &CancellationToken) -> SessionEnd {
+    async fn run_session<L: Link>(
+        &mut self,
+        link: &mut L,
+        shutdown: &CancellationToken,
+    ) -> SessionEnd {
         let journal = self.ctx.journal.clone();
         let mut progressed = false;
-        let cursor = journal.first_unacked();
-        // Records acked but not yet trimmed (the trimmer runs behind) are not resent.
-        let mut cursor = cursor.max(self.trimmed + 1);
-        let mut inflight: VecDeque<InFlight> = VecDeque::new();
         // Hello: a batch with no records (anchors only) goes first, so the relay's ack
         // tells this epoch's watermark before any record is sent. If the relay already
         // holds numbers this journal has not assigned (a restored backup), `on_ack` moves
         // the journal to a new epoch before new punches can be sent under reused numbers.
-        let mut prepared: Option<Prepared> =
-            match batcher::anchors_only(&self.header, cursor, self.anchors.untold()) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    warn!(error = %e, "cannot encode the hello batch");
-                    None
-                }
-            };
-        let mut preparing: Option<JoinHandle<Result<Option<Prepared>, BatchError>>> = None;
-        let mut waiting_since: Option<Instant> = None;
-        let mut allowed_at = tokio::time::Instant::now();
-        let mut ping_sent: Option<Instant> = None;
+        let hello = self
+            .session
+            .on_connected(journal.first_unacked(), Instant::now());
+        let mut preparing = self.start(hello, true);
         let tick = (self.cfg.ping_interval.min(self.cfg.ping_timeout) / 4)
             .clamp(Duration::from_millis(20), Duration::from_secs(1));
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let durable = journal.durable_through();
-            if prepared.is_none() && preparing.is_none() {
-                if durable >= cursor {
-                    let since = *waiting_since.get_or_insert_with(Instant::now);
-                    if batcher::ready(
-                        durable - cursor + 1,
-                        since.elapsed(),
-                        self.batch_limit,
-                        self.cfg.batch_max_age,
-                    ) {
-                        waiting_since = None;
-                        let (j, header, from) = (journal.clone(), self.header.clone(), cursor);
-                        let (max_r, max_b) = (self.batch_limit, self.cfg.batch_max_bytes);
-                        let (all, current) = (self.anchors.all(), self.ctx.clock.boot_id());
-                        preparing = Some(tokio::task::spawn_blocking(move || {
-                            batcher::prepare(&j, &header, from, max_r, max_b, |boots| {
-                                anchors::select(&all, current, boots)
-                            })
-                        }));
-                    }
-                } else if inflight.is_empty() {
-                    let untold = self.anchors.untold();
-                    if !untold.is_empty() {
-                        match batcher::anchors_only(&self.header, cursor, untold) {
-                            Ok(p) => prepared = Some(p),
-                            Err(e) => warn!(error = %e, "cannot encode an anchor-only batch"),
-                        }
-                    }
+            let untold = !self.anchors.untold().is_empty();
+            if let Some(what) = self.session.poll(Instant::now(), durable, untold) {
+                if let Some(h) = self.start(what, false) {
+                    preparing = Some(h);
                 }
             }
-            self.publish(cursor, durable, inflight.len());
+            self.publish(durable);
 
-            let can_send = prepared.is_some() && inflight.len() < self.cfg.window;
+            let wake = self.session.wake_at();
             let ev = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => Event::Shutdown,
                 r = link.recv() => Event::Ack(r),
                 r = join_opt(&mut preparing) => Event::Prepared(r),
                 _ = ticker.tick() => Event::Tick,
-                _ = tokio::time::sleep_until(allowed_at), if can_send => Event::Send,
-                _ = tokio::time::sleep(POLL) => Event::Poll,
+                _ = sleep_until_opt(wake) => Event::Wake,
+                _ = durable_advanced(&journal, durable) => Event::Durable,
             };
             match ev {
                 Event::Shutdown => return (progressed, None),
                 Event::Ack(Err(e)) => return (progressed, Some(e)),
-                Event::Ack(Ok(ack)) => match self.on_ack(ack, &mut inflight).await {
+                Event::Ack(Ok(ack)) => match self.on_ack(ack).await {
                     Ok(()) => progressed = true,
                     Err(e) => return (progressed, Some(e)),
                 },
                 Event::Prepared(r) => {
                     preparing = None;
                     match r {
-                        Ok(Ok(Some(p))) => {
-                            cursor = p.last + 1;
-                            prepared = Some(p);
-                        }
-                        Ok(Ok(None)) => cursor = cursor.max(journal.first_unacked()),
+                        Ok(Ok(Some(p))) => self.session.on_prepared(p),
+                        Ok(Ok(None)) => self.session.on_prepared_empty(journal.first_unacked()),
                         Ok(Err(e)) => return (progressed, Some(LinkError::Local(e.to_string()))),
                         Err(e) => {
                             return (
@@ -257,208 +238,149 @@ impl Uplink {
                         }
                     }
                 }
-                Event::Send => {
-                    let Some(p) = prepared.take() else { continue };
-                    let n = p.frame.len();
-                    let sent_at = Instant::now();
-                    let sent_mono = self.ctx.clock.mono_ms();
-                    match tokio::time::timeout(self.cfg.ack_timeout, link.send(p.frame.clone()))
-                        .await
-                    {
-                        Err(_) => {
-                            return (
-                                progressed,
-                                Some(LinkError::Timeout(format!(
-                                    "sending a batch took longer than uplink.ack_timeout ({:?})",
-                                    self.cfg.ack_timeout
-                                ))),
-                            )
-                        }
-                        Ok(Err(e)) => return (progressed, Some(e)),
-                        Ok(Ok(())) => {}
+                Event::Wake => {
+                    if let Err(e) = self.send(link).await {
+                        return (progressed, Some(e));
                     }
-                    if self.cfg.bandwidth_bytes_per_sec > 0 {
-                        let cost = Duration::from_secs_f64(
-                            n as f64 / self.cfg.bandwidth_bytes_per_sec as f64,
-                        );
-                        allowed_at = allowed_at.max(tokio::time::Instant::now()) + cost;
-                    }
-                    let resent = if p.records > 0 && p.first <= self.max_sent {
-                        p.last.min(self.max_sent) - p.first + 1
-                    } else {
-                        0
-                    };
-                    if p.records > 0 {
-                        self.max_sent = self.max_sent.max(p.last);
-                    }
-                    let m = &self.ctx.metrics;
-                    m.uplink_bytes_sent.inc_by(n as u64);
-                    m.uplink_batches_sent.inc();
-                    m.uplink_records_resent.inc_by(resent);
-                    self.handle.update(|s| {
-                        s.bytes_sent += n as u64;
-                        s.batches_sent += 1;
-                        s.records_resent += resent;
-                    });
-                    inflight.push_back(InFlight {
-                        first: p.first,
-                        last: p.last,
-                        records: p.records,
-                        anchors: p.anchors,
-                        sent_at,
-                        sent_mono,
-                    });
                 }
                 Event::Tick => {
-                    if let Some(f) = inflight.front() {
-                        if f.sent_at.elapsed() > self.cfg.ack_timeout {
-                            return (
-                                progressed,
-                                Some(LinkError::Timeout(format!(
-                                    "no ack for a batch within uplink.ack_timeout ({:?})",
-                                    self.cfg.ack_timeout
-                                ))),
-                            );
-                        }
-                    }
-                    if link.pings() {
-                        if let Some(t) = ping_sent {
-                            if link.last_heard() >= t {
-                                ping_sent = None;
-                            } else if t.elapsed() >= self.cfg.ping_timeout {
-                                return (
-                                    progressed,
-                                    Some(LinkError::Timeout(format!(
-                                        "no answer to a ping within uplink.ping_timeout ({:?}): the link is dead",
-                                        self.cfg.ping_timeout
-                                    ))),
-                                );
-                            }
-                        }
-                        if ping_sent.is_none()
-                            && link.last_heard().elapsed() >= self.cfg.ping_interval
-                        {
-                            let t = Instant::now();
+                    match self
+                        .session
+                        .on_tick(Instant::now(), link.last_heard(), link.pings())
+                    {
+                        None => {}
+                        Some(TickAction::Close(e)) => return (progressed, Some(e)),
+                        Some(TickAction::Ping) => {
                             if let Err(e) = link.ping().await {
                                 return (progressed, Some(e));
                             }
-                            ping_sent = Some(t);
                         }
                     }
                 }
-                Event::Poll => {}
+                Event::Durable => {}
             }
         }
     }
 
-    async fn on_ack(
-        &mut self,
-        ack: Ack,
-        inflight: &mut VecDeque<InFlight>,
-    ) -> Result<(), LinkError> {
-        let Some(b) = inflight.pop_front() else {
-            return Err(LinkError::Protocol(
-                "the relay sent an ack with no batch in flight".into(),
-            ));
+    /// Sends the batch the session hands out, if any, and counts it.
+    async fn send<L: Link>(&mut self, link: &mut L) -> Result<(), LinkError> {
+        let Some(p) = self.session.take_sendable(Instant::now()) else {
+            return Ok(());
         };
-        if ack.gateway_id != self.header.gateway_id
-            || ack.journal_epoch != self.header.journal_epoch
-        {
-            return Err(LinkError::Protocol(format!(
-                "the ack names gateway {} journal epoch {:016x}, but this is gateway {} epoch {:016x}",
-                ack.gateway_id, ack.journal_epoch, self.header.gateway_id, self.header.journal_epoch
-            )));
+        let n = p.frame.len();
+        let sent_at = Instant::now();
+        let sent_mono = self.ctx.clock.mono_ms();
+        match tokio::time::timeout(self.cfg.ack_timeout, link.send(p.frame.clone())).await {
+            Err(_) => {
+                return Err(LinkError::Timeout(format!(
+                    "sending a batch took longer than uplink.ack_timeout ({:?})",
+                    self.cfg.ack_timeout
+                )))
+            }
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(())) => {}
         }
+        let resent = self.session.on_sent(p, sent_at, sent_mono, Instant::now());
+        let m = &self.ctx.metrics;
+        m.uplink_bytes_sent.inc_by(n as u64);
+        m.uplink_batches_sent.inc();
+        m.uplink_records_resent.inc_by(resent);
+        self.handle.update(|s| {
+            s.bytes_sent += n as u64;
+            s.batches_sent += 1;
+            s.records_resent += resent;
+        });
+        Ok(())
+    }
+
+    /// Performs an ack: the session pairs it with its batch and says what follows; here
+    /// the time anchor it yields is kept (and saved), then the journal is trimmed or moved
+    /// to a new epoch.
+    async fn on_ack(&mut self, ack: Ack) -> Result<(), LinkError> {
+        let last_assigned = self.ctx.journal.next_seq().saturating_sub(1);
+        let old_epoch = self.session.header().journal_epoch;
+        let Acked { batch: b, next } = self.session.on_ack(&ack, last_assigned)?;
         let rtt = b.sent_at.elapsed();
         self.ctx
             .metrics
             .uplink_ack_seconds
             .observe(rtt.as_secs_f64());
-
-        // Time: the relay read its clock somewhere between send and ack.
-        let now_mono = self.ctx.clock.mono_ms().max(b.sent_mono);
-        let span = now_mono - b.sent_mono;
-        let anchor = TimeAnchor {
-            boot_id: self.ctx.clock.boot_id(),
-            mono_ms: b.sent_mono + span / 2,
-            true_ms: ack.server_time_ms,
-            uncertainty_ms: u32::try_from(span.div_ceil(2) + 1).unwrap_or(u32::MAX),
-        };
-        if self.anchors.observe(anchor) {
-            let (path, bytes) = self.anchors.snapshot();
-            let written =
-                tokio::task::spawn_blocking(move || replace_atomic(&path, &bytes, 0o644)).await;
-            match written {
-                Ok(Ok(())) => self.anchors.saved(),
-                Ok(Err(e)) => {
-                    warn!(error = %e, "cannot save the time anchors file (gateway.data_dir)")
-                }
-                Err(e) => warn!(error = %e, "anchor save task failed"),
-            }
-        }
+        self.observe_anchor(b.sent_mono, ack.server_time_ms).await;
         self.anchors.mark_told(&b.anchors);
 
-        // The relay holds sequence numbers of this epoch that this journal never assigned:
-        // the journal went back in time (a restored backup). Sending on would put new
-        // records under numbers the relay already has, so move to a fresh epoch first; the
-        // next session resends everything held under it, and the relay's punch-key dedup
-        // recognises what it already stores.
-        let last_assigned = self.ctx.journal.next_seq().saturating_sub(1);
-        if ack.acked_through > last_assigned {
-            let j = self.ctx.journal.clone();
-            let moved = tokio::task::spawn_blocking(move || j.begin_new_epoch()).await;
-            let epoch = match moved {
-                Ok(Ok(e)) => e,
-                Ok(Err(e)) => {
-                    return Err(LinkError::Local(format!(
-                        "cannot move the journal to a new epoch: {e}"
-                    )))
-                }
-                Err(e) => return Err(LinkError::Local(format!("epoch task failed: {e}"))),
-            };
-            warn!(
-                relay_acked_through = ack.acked_through,
-                journal_last_seq = last_assigned,
-                old_epoch = format_args!("{:016x}", self.header.journal_epoch),
-                new_epoch = format_args!("{:016x}", epoch),
-                "the relay already holds records this journal has not written yet (a restored backup or a lost journal tail): moved the journal to a new epoch and resending what it holds"
-            );
-            self.header.journal_epoch = epoch;
-            return Err(LinkError::Local(
-                "the journal moved to a new epoch; reconnecting to resend under it".into(),
-            ));
-        }
-
-        // Trim: the ack proves this batch (and, in order, every earlier one) is stored.
-        let mut through = ack.acked_through;
-        if b.records > 0 {
-            if ack.acked_through.saturating_add(1) < b.first && !self.warned_gap {
-                self.warned_gap = true;
+        match next {
+            // The relay holds sequence numbers of this epoch that this journal never
+            // assigned: the journal went back in time (a restored backup). Sending on would
+            // put new records under numbers the relay already has, so move to a fresh epoch
+            // first; the next session resends everything held under it, and the relay's
+            // punch-key dedup recognises what it already stores.
+            AckNext::NewEpoch => {
+                let j = self.ctx.journal.clone();
+                let moved = tokio::task::spawn_blocking(move || j.begin_new_epoch()).await;
+                let epoch = match moved {
+                    Ok(Ok(e)) => e,
+                    Ok(Err(e)) => {
+                        return Err(LinkError::Local(format!(
+                            "cannot move the journal to a new epoch: {e}"
+                        )))
+                    }
+                    Err(e) => return Err(LinkError::Local(format!("epoch task failed: {e}"))),
+                };
                 warn!(
-                    acked_through = ack.acked_through,
-                    batch_first = b.first,
-                    "the relay's watermark is behind this batch (records before it were evicted here, journal.on_full = \"drop_oldest\"); trimming by batch"
+                    relay_acked_through = ack.acked_through,
+                    journal_last_seq = last_assigned,
+                    old_epoch = format_args!("{:016x}", old_epoch),
+                    new_epoch = format_args!("{:016x}", epoch),
+                    "the relay already holds records this journal has not written yet (a restored backup or a lost journal tail): moved the journal to a new epoch and resending what it holds"
                 );
+                self.session.on_new_epoch(epoch);
+                return Err(LinkError::Local(
+                    "the journal moved to a new epoch; reconnecting to resend under it".into(),
+                ));
             }
-            through = through.max(b.last);
-        }
-        through = through.min(self.max_sent);
-        if through > self.trimmed {
             // The trimmer deletes in the background, so sending never waits for sled.
-            self.trimmed = through;
-            let _ = self.trim_tx.send(through);
+            AckNext::Trim(Some(through)) => {
+                let _ = self.trim_tx.send(through);
+            }
+            AckNext::Trim(None) => {}
         }
         self.ctx.metrics.uplink_records_acked.inc_by(b.records);
         let current = self.anchors.current();
         let dups = u64::from(ack.duplicates.unwrap_or(0));
+        let inflight = self.session.inflight();
         self.handle.update(|s| {
             s.records_acked += b.records;
             s.relay_duplicates += dups;
             s.last_success = Some((Instant::now(), ack.server_time_ms));
             s.anchor = current;
-            s.inflight = inflight.len();
+            s.inflight = inflight;
         });
         self.ctx.relay_time.set(current);
         Ok(())
+    }
+
+    /// Time: the relay read its clock (`server_time_ms`) somewhere between the send (at
+    /// monotonic `sent_mono`) and now. Keeps the anchor, and saves the anchors file when it
+    /// is much better than the saved one.
+    async fn observe_anchor(&mut self, sent_mono: u64, server_time_ms: i64) {
+        let now_mono = self.ctx.clock.mono_ms().max(sent_mono);
+        let span = now_mono - sent_mono;
+        let anchor = TimeAnchor {
+            boot_id: self.ctx.clock.boot_id(),
+            mono_ms: sent_mono + span / 2,
+            true_ms: server_time_ms,
+            uncertainty_ms: u32::try_from(span.div_ceil(2) + 1).unwrap_or(u32::MAX),
+        };
+        if !self.anchors.observe(anchor) {
+            return;
+        }
+        let (path, bytes) = self.anchors.snapshot();
+        let written =
+            tokio::task::spawn_blocking(move || replace_atomic(&path, &bytes, 0o644)).await;
+        match written {
+            Ok(Ok(())) => self.anchors.saved(),
+            Ok(Err(e)) => warn!(error = %e, "cannot save the time anchors file (gateway.data_dir)"),
+            Err(e) => warn!(error = %e, "anchor save task failed"),
+        }
     }
 }

@@ -50,6 +50,7 @@ pub mod config;
 mod connection;
 pub mod https;
 pub mod link;
+pub mod session;
 pub mod status;
 mod task;
 pub mod tls;

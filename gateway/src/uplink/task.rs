@@ -18,6 +18,7 @@ use super::backoff::Backoff;
 use super::batcher::BatchHeader;
 use super::config::UplinkConfig;
 use super::link::{Endpoint, LinkError};
+use super::session::Session;
 use super::status::{Health, UplinkHandle};
 use crate::clock::{Clock, RelayTime};
 use crate::journal::Journal;
@@ -97,16 +98,12 @@ pub fn spawn(
     let stats = ctx.journal.stats();
     let (trim_tx, trim_rx) = watch::channel(stats.trimmed_through);
     let uplink = Uplink {
-        batch_limit: cfg.batch_max_records,
+        session: Session::new(&cfg, header, stats.first_unacked, stats.trimmed_through),
         cfg,
         endpoints,
-        header,
         anchors,
         handle: handle.clone(),
-        max_sent: stats.first_unacked.saturating_sub(1),
-        trimmed: stats.trimmed_through,
         trim_tx,
-        warned_gap: false,
         ctx,
     };
     let refresher = {
@@ -160,23 +157,29 @@ async fn trimmer(ctx: UplinkContext, mut rx: watch::Receiver<u64>) {
     }
 }
 
+/// Returns once the journal's durable watermark is no longer `seen` (new records were
+/// fsynced), so an idle connection wakes for new records and otherwise sleeps.
+///
+/// For now this polls [`Journal::durable_through`] every [`POLL`]. It switches to awaiting
+/// a change of `Journal::watch_durable` (a `tokio::sync::watch` of the watermark) when the
+/// journal publishes one; callers keep this signature.
+pub(super) async fn durable_advanced(journal: &Journal, seen: u64) {
+    while journal.durable_through() == seen {
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 /// The uplink task's state (one per gateway).
 pub(super) struct Uplink {
     pub(super) cfg: UplinkConfig,
     pub(super) ctx: UplinkContext,
     pub(super) endpoints: Vec<Endpoint>,
-    pub(super) header: BatchHeader,
+    /// What to send, trim and when (no I/O); this task performs it.
+    pub(super) session: Session,
     pub(super) anchors: Anchors,
     pub(super) handle: UplinkHandle,
-    /// Highest seq ever sent (to count resends and cap trims).
-    pub(super) max_sent: u64,
-    /// Highest seq known stored at the relay (the trimmer catches up to it).
-    pub(super) trimmed: u64,
     /// Tells the trimmer how far to trim.
     pub(super) trim_tx: watch::Sender<u64>,
-    /// Current records-per-batch limit (halved when the relay says too large).
-    pub(super) batch_limit: usize,
-    pub(super) warned_gap: bool,
 }
 
 impl Uplink {
@@ -247,14 +250,16 @@ impl Uplink {
             .uplink_errors
             .get_or_create(&UplinkErrorLabels { kind: e.kind() })
             .inc();
-        if matches!(e, LinkError::TooLarge(_)) && self.batch_limit > 1 {
-            self.batch_limit = (self.batch_limit / 2).max(1);
+        if let Some(limit) = matches!(e, LinkError::TooLarge(_))
+            .then(|| self.session.halve_batch_limit())
+            .flatten()
+        {
             warn!(
-                batch_max_records = self.batch_limit,
+                batch_max_records = limit,
                 "the relay refused a batch as too large; sending smaller batches (lower uplink.batch_max_records or raise the relay's limits)"
             );
         }
-        let (msg, limit) = (format!("{}: {e}", ep.url), self.batch_limit);
+        let (msg, limit) = (format!("{}: {e}", ep.url), self.session.batch_limit());
         self.handle.update(|s| {
             s.last_error = Some((Instant::now(), msg));
             s.batch_limit = limit;

@@ -3,6 +3,10 @@
 
 use std::path::Path;
 
+use super::batcher::BatchHeader;
+use super::config::UplinkConfig;
+use super::link::LinkError;
+
 /// The environment variable that, when set, holds the relay token (wins over the file).
 pub const TOKEN_ENV: &str = "OUTPOST_UPLINK_TOKEN";
 
@@ -11,7 +15,7 @@ pub const TOKEN_ENV: &str = "OUTPOST_UPLINK_TOKEN";
 /// missing or empty token file is `Ok(None)`: the relay then knows the gateway by its
 /// certificate. Any other read error stays an error, since a token was meant to be there.
 /// The error is why there is no token.
-pub(super) fn read_token(
+fn read_token(
     env: Option<String>,
     path: &Path,
     client_cert: bool,
@@ -31,6 +35,22 @@ pub(super) fn read_token(
         "" => Err("the file is empty".into()),
         t => Ok(Some(t.to_string())),
     }
+}
+
+/// The relay token for this gateway (see [`read_token`]), or an error saying how to
+/// provide one.
+pub(super) fn relay_token(
+    cfg: &UplinkConfig,
+    data_dir: &Path,
+    header: &BatchHeader,
+) -> Result<Option<String>, LinkError> {
+    let path = cfg.token_file(data_dir);
+    read_token(std::env::var(TOKEN_ENV).ok(), &path, cfg.has_client_cert()).map_err(|why| {
+        LinkError::Local(format!(
+            "no relay token ({why}): put the token printed by `outpost-relay gateway add {} --site {}` in {} (uplink.token_file), or set {TOKEN_ENV}, or authenticate with a TLS client certificate instead (uplink.client_cert_file and uplink.client_key_file)",
+            header.gateway_id, header.site_id, path.display()
+        ))
+    })
 }
 
 #[cfg(test)]
