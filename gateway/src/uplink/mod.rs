@@ -42,6 +42,16 @@
 //! boots, and when the relay has not yet heard of a (much better) anchor and there is
 //! nothing else to send, an anchor-only batch goes out, so records sent before the first
 //! ack get corrected too.
+//!
+//! # Files
+//!
+//! - [`session`]: the delivery rules as a state machine with no I/O (what to read, send,
+//!   trim, and when), so tests drive it step by step.
+//! - `task`: [`spawn`], the reconnect loop with backoff, the refresher and the trimmer.
+//! - `connection`: one connection; opens the link and performs what the session decides.
+//! - [`status`]: [`Health`] and the handle behind `/v1/status` and `/metrics`.
+//! - `token`: the relay token. [`batcher`], [`anchors`], [`link`] and its transports
+//!   ([`ws`], [`https`], [`tls`]) and [`config`] as named.
 
 pub mod anchors;
 pub mod backoff;

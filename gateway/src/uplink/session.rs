@@ -2,7 +2,7 @@
 //!
 //! The delivery rules (module docs of [`super`]) live here, apart from sockets, tokio, the
 //! journal and the clock, so tests can drive them step by step (`gateway/tests/
-//! uplink_session_model.rs`). The task that owns the link ([`super::connection`]) reads the
+//! uplink_session_model.rs`). The task that owns the link (`connection.rs`) reads the
 //! journal and the clock, calls a method here, and performs what it returns:
 //!
 //! - [`Session::on_connected`] starts at the oldest unacknowledged record with the hello.

@@ -24,8 +24,9 @@ use crate::clock::{Clock, RelayTime};
 use crate::journal::Journal;
 use crate::metrics::{Metrics, UplinkErrorLabels};
 
-/// How often an idle session looks for newly durable records.
+/// How often an idle connection looks for newly durable records (`durable_advanced`).
 pub const POLL: Duration = Duration::from_millis(20);
+
 /// What the uplink needs from the rest of the gateway.
 #[derive(Clone)]
 pub struct UplinkContext {
