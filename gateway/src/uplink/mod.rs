@@ -70,5 +70,5 @@ pub mod ws;
 pub use config::{Transport, UplinkConfig};
 pub use link::{Endpoint, Link, LinkError};
 pub use status::{Health, UplinkHandle};
-pub use task::{spawn, StartError, UplinkContext, POLL};
+pub use task::{spawn, StartError, UplinkContext};
 pub use token::TOKEN_ENV;

@@ -24,9 +24,6 @@ use crate::clock::{Clock, RelayTime};
 use crate::journal::Journal;
 use crate::metrics::{Metrics, UplinkErrorLabels};
 
-/// How often an idle connection looks for newly durable records (`durable_advanced`).
-pub const POLL: Duration = Duration::from_millis(20);
-
 /// What the uplink needs from the rest of the gateway.
 #[derive(Clone)]
 pub struct UplinkContext {
@@ -161,12 +158,14 @@ async fn trimmer(ctx: UplinkContext, mut rx: watch::Receiver<u64>) {
 /// Returns once the journal's durable watermark is no longer `seen` (new records were
 /// fsynced), so an idle connection wakes for new records and otherwise sleeps.
 ///
-/// For now this polls [`Journal::durable_through`] every [`POLL`]. It switches to awaiting
-/// a change of `Journal::watch_durable` (a `tokio::sync::watch` of the watermark) when the
-/// journal publishes one; callers keep this signature.
+/// Awaits the journal's published watermark ([`Journal::watch_durable`]); it never
+/// polls and never takes the journal writer's lock.
 pub(super) async fn durable_advanced(journal: &Journal, seen: u64) {
-    while journal.durable_through() == seen {
-        tokio::time::sleep(POLL).await;
+    let mut durable = journal.watch_durable();
+    if durable.wait_for(|d| *d != seen).await.is_err() {
+        // The journal (and its sender) is gone: nothing will ever become durable, and
+        // returning would make the caller's loop spin.
+        std::future::pending::<()>().await;
     }
 }
 
