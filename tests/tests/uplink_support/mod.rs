@@ -230,11 +230,13 @@ pub fn assert_exactly_once(relay: &Relay, gateway_id: &str, expected: &BTreeSet<
 /// - the gateway's `records` counter (`GET /v1/gateways`) equals the number of distinct
 ///   punches stored for it (with no unconfirmed punches: the number sent), and its
 ///   `conflicts` and `rejected` counters are 0;
-/// - unless `d.seq_reuse`: its `seq_reuse` counter is 0, and in each journal epoch the
-///   stored `gateway_seq` values are exactly 1..=n, each once. The gateway numbers its
-///   journal densely from 1 and sends all of it, so a hole means some `gateway_seq` did not
-///   carry a new punch: the gateway journaled a punch twice and the relay dropped the
-///   second copy as a duplicate.
+/// - unless `d.seq_reuse`: its `seq_reuse` counter is 0, in each journal epoch the stored
+///   `gateway_seq` values are exactly 1..=n, each once, and the last epoch's `acked_through`
+///   is its n. The gateway numbers its journal densely from 1 and sends all of it, so a
+///   hole, or a watermark past n, means some `gateway_seq` did not carry a new punch: the
+///   gateway journaled a punch twice and the relay counted the second copy as a duplicate.
+///
+/// `tests/tests/exactly_once_check.rs` shows each of these failing.
 pub fn assert_delivered(relay: &Relay, d: &Delivery) {
     let gw = d.gateway_id;
     let rows: Vec<Value> = relay_rows(relay)
@@ -301,9 +303,19 @@ pub fn assert_delivered(relay: &Relay, d: &Delivery) {
     assert_eq!(info["rejected"], 0, "{info}");
     if !d.seq_reuse {
         assert_eq!(info["seq_reuse"], 0, "{info}");
+        let last_epoch = info["journal_epoch"].as_u64();
         for (epoch, mut s) in seqs {
             s.sort_unstable();
             let n = s.len() as u64;
+            // The watermark covers every gateway_seq sent; past n, one carried no new punch.
+            if Some(epoch) == last_epoch {
+                assert_eq!(
+                    info["acked_through"].as_u64(),
+                    Some(n),
+                    "epoch {epoch}: acked_through is not the {n} punches stored \
+                     (a gateway_seq that carried no new punch: a punch journaled twice?): {info}"
+                );
+            }
             assert!(
                 s.iter().copied().eq(1..=n),
                 "epoch {epoch}: the stored gateway_seq values are not 1..={n} each once \
@@ -314,6 +326,19 @@ pub fn assert_delivered(relay: &Relay, d: &Delivery) {
             );
         }
     }
+    eprintln!(
+        "exactly once at the relay for {gw}: {} punches ({} acked, {} unconfirmed sent), \
+         records counter {}, no conflicts, no rejected, sequence check {}",
+        got.len(),
+        d.acked.len(),
+        d.unconfirmed.len(),
+        info["records"],
+        if d.seq_reuse {
+            "skipped (seq reuse expected)"
+        } else {
+            "passed"
+        }
+    );
 }
 
 /// What a device learned about the punches it posted.
