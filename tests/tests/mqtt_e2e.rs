@@ -239,13 +239,18 @@ fn subscribe(port: u16, topic: &str, login: Option<(&str, &str)>) -> Sub {
         }
     });
     let deadline = Instant::now() + Duration::from_secs(10);
+    let mut probes = 0;
     loop {
         assert!(
             publish(port, topic, PROBE, login),
             "mosquitto_pub of the probe on {topic} failed"
         );
+        probes += 1;
         match lines.recv_timeout(Duration::from_millis(200)) {
-            Ok(line) if line == PROBE => break,
+            Ok(line) if line == PROBE => {
+                eprintln!("mosquitto_sub on {topic}: subscribed ({probes} probes sent)");
+                break;
+            }
             Ok(line) => panic!("{topic}: message before the test published anything: {line}"),
             Err(mpsc::RecvTimeoutError::Timeout) => assert!(
                 Instant::now() < deadline,
