@@ -7,4 +7,5 @@ pub mod powercut;
 pub mod proc;
 pub mod proxy;
 pub mod relay;
+pub mod seed;
 pub mod workload;

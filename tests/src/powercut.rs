@@ -1,6 +1,6 @@
-//! Shared helpers for the power-cut tests (`tests/tests/powercut_*.rs`): a seed to replay a
-//! run, a [`PowerCutFs`] mounted in a temp dir, data directories that exist durably on it,
-//! and short summaries of cut reports and logs.
+//! Shared helpers for the power-cut tests (`tests/tests/powercut_*.rs`): the run's seed
+//! (re-exported from [`crate::seed`]), a [`PowerCutFs`] mounted in a temp dir, data
+//! directories that exist durably on it, and short summaries of cut reports and logs.
 //!
 //! The processes under test keep their data on the mount and their logs off it (a cut
 //! would rewind the log too). A cut is taken only after every process using the mount was
@@ -11,29 +11,8 @@ use std::time::Duration;
 
 pub use outpost_powercut::{CutMode, CutReport, PowerCutFs};
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
 
-/// The seeded random generator of a test run.
-pub type TestRng = rand::rngs::StdRng;
-
-/// The seed of this run: `OUTPOST_TEST_SEED` when set, else a random one. Printed, so a
-/// failing run can be replayed with `OUTPOST_TEST_SEED=<seed>`.
-pub fn test_seed(test: &str) -> u64 {
-    let seed = match std::env::var("OUTPOST_TEST_SEED") {
-        Ok(s) => s
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("OUTPOST_TEST_SEED={s:?} is not a u64")),
-        Err(_) => rand::random(),
-    };
-    eprintln!("{test}: seed {seed} (replay with OUTPOST_TEST_SEED={seed})");
-    seed
-}
-
-/// A random generator for `seed`, salted with `salt` (one stream per use).
-pub fn rng(seed: u64, salt: u64) -> TestRng {
-    TestRng::seed_from_u64(seed ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15))
-}
+pub use crate::seed::{rng, test_seed, TestRng};
 
 /// `per_mode` cycles of every [`CutMode`], in an order shuffled by `rng`.
 pub fn mode_schedule(per_mode: usize, rng: &mut TestRng) -> Vec<CutMode> {

@@ -5,6 +5,9 @@
 //! Clients keep punches whose request failed (connection cut by the kill) and resend them
 //! after the restart, as a real device outbox does; those may or may not have been written
 //! before the kill, and either way must end up stored exactly once.
+//!
+//! The kill schedule and each client's load are seeded (printed; replay with
+//! `OUTPOST_TEST_SEED`). Thread timing still varies between runs.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use outpost_tests::gateway::Gateway;
+use outpost_tests::seed::{rng, test_seed, TestRng};
 use rand::Rng;
 use serde_json::{json, Value};
 
@@ -32,8 +36,8 @@ fn client(
     acked: Arc<Mutex<HashSet<(String, u64)>>>,
     next: Arc<Mutex<u64>>,
     unacked: Arc<Mutex<Vec<u64>>>,
+    mut rng: TestRng,
 ) {
-    let mut rng = rand::rng();
     while !stop.load(Ordering::Relaxed) {
         // Resend what failed before, then new punches.
         let mut seqs: Vec<u64> = std::mem::take(&mut *unacked.lock().unwrap());
@@ -93,7 +97,8 @@ fn acknowledged_punches_survive_repeated_sigkill() {
     let mut gw = Gateway::new(dir.path(), &[("OUTPOST_AUTH__REQUIRED", "false")]);
     gw.start();
     let acked = Arc::new(Mutex::new(HashSet::new()));
-    let mut rng = rand::rng();
+    let seed = test_seed("acknowledged_punches_survive_repeated_sigkill");
+    let mut schedule = rng(seed, 0);
     let nexts: Vec<Arc<Mutex<u64>>> = (0..CLIENTS).map(|_| Arc::new(Mutex::new(1))).collect();
     let unackeds: Vec<Arc<Mutex<Vec<u64>>>> = (0..CLIENTS)
         .map(|_| Arc::new(Mutex::new(Vec::new())))
@@ -110,12 +115,13 @@ fn acknowledged_punches_survive_repeated_sigkill() {
                     unackeds[i].clone(),
                 );
                 let addr = gw.addr;
+                let r = rng(seed, 1 + (round * CLIENTS + i) as u64);
                 std::thread::spawn(move || {
-                    client(addr, format!("door-{i}"), stop, acked, next, unacked)
+                    client(addr, format!("door-{i}"), stop, acked, next, unacked, r)
                 })
             })
             .collect();
-        std::thread::sleep(Duration::from_millis(rng.random_range(150..700)));
+        std::thread::sleep(Duration::from_millis(schedule.random_range(150..700)));
         gw.kill9();
         std::thread::sleep(Duration::from_millis(50));
         stop.store(true, Ordering::Relaxed);

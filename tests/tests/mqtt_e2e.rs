@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use outpost_tests::gateway::Gateway;
@@ -191,8 +191,23 @@ fn assert_exactly_once(gw: &Gateway, ids: &[String], per_device: u64, first_seq:
     assert_eq!(counts.len(), ids.len() * per_device as usize);
 }
 
-/// `mosquitto_sub` for `count` messages on `topic`, started before a publish.
-fn subscribe(port: u16, topic: &str, count: usize, login: Option<(&str, &str)>) -> Child {
+/// What `mosquitto_sub` publishes to prove its subscription is in place (never JSON, so
+/// never taken for an ack).
+const PROBE: &str = "outpost-test-probe";
+
+/// A `mosquitto_sub` whose subscription the broker has registered, and its output lines.
+struct Sub {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+/// `mosquitto_sub` on `topic`, returned once its subscription is in place.
+///
+/// A QoS 1 message published before the broker has registered the subscription is not
+/// delivered to it, so a fixed wait would make the test flaky. Instead the probe message is
+/// published on `topic` until the subscriber prints it (10 s at most): from then on, every
+/// message on `topic` reaches it.
+fn subscribe(port: u16, topic: &str, login: Option<(&str, &str)>) -> Sub {
     let mut cmd = Command::new("mosquitto_sub");
     cmd.args([
         "-h",
@@ -204,18 +219,49 @@ fn subscribe(port: u16, topic: &str, count: usize, login: Option<(&str, &str)>) 
         "-t",
         topic,
     ])
-    .args(["-C", &count.to_string(), "-W", "20"]);
+    // A bound on its life if the test dies before killing it.
+    .args(["-W", "120"]);
     if let Some((u, p)) = login {
         cmd.args(["-u", u, "-P", p]);
     }
-    let child = cmd
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("mosquitto_sub (package mosquitto-clients)");
-    // Give it time to subscribe before anything is published.
-    std::thread::sleep(Duration::from_millis(500));
-    child
+    let out = child.stdout.take().expect("mosquitto_sub stdout");
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut probes = 0;
+    loop {
+        assert!(
+            publish(port, topic, PROBE, login),
+            "mosquitto_pub of the probe on {topic} failed"
+        );
+        probes += 1;
+        match lines.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) if line == PROBE => {
+                eprintln!("mosquitto_sub on {topic}: subscribed ({probes} probes sent)");
+                break;
+            }
+            Ok(line) => panic!("{topic}: message before the test published anything: {line}"),
+            Err(mpsc::RecvTimeoutError::Timeout) => assert!(
+                Instant::now() < deadline,
+                "mosquitto_sub did not receive the probe on {topic} within 10 s"
+            ),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("mosquitto_sub on {topic} exited before subscribing")
+            }
+        }
+    }
+    Sub { child, lines }
 }
 
 fn publish(port: u16, topic: &str, payload: &str, login: Option<(&str, &str)>) -> bool {
@@ -241,12 +287,22 @@ fn publish(port: u16, topic: &str, payload: &str, login: Option<(&str, &str)>) -
         .success()
 }
 
-fn received(sub: Child) -> Vec<Value> {
-    let out = sub.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+/// The next `count` messages `sub` receives (probes left out), as JSON (a message that
+/// is not JSON is kept as a string, so a count check shows it); waits 20 s at most.
+fn received(mut sub: Sub, count: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut out = Vec::new();
+    while out.len() < count {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match sub.lines.recv_timeout(left) {
+            Ok(line) if line == PROBE => {}
+            Ok(line) => out.push(serde_json::from_str(&line).unwrap_or(Value::String(line))),
+            Err(_) => break,
+        }
+    }
+    let _ = sub.child.kill();
+    let _ = sub.child.wait();
+    out
 }
 
 #[test]
@@ -329,7 +385,7 @@ fn embedded_broker_commits_acks_rejects_and_reports() {
     let login = Some(("door-001", tok["door-001"].as_str()));
     let ack_topic = format!("outpost/v1/{SITE}/door-001/ack");
     let punch_topic = format!("outpost/v1/{SITE}/door-001/punch");
-    let sub = subscribe(port, &ack_topic, 3, login);
+    let sub = subscribe(port, &ack_topic, login);
     assert!(publish(port, &punch_topic, "this is not a punch", login));
     assert!(publish(
         port,
@@ -343,7 +399,7 @@ fn embedded_broker_commits_acks_rejects_and_reports() {
         r#"{"device_id":"door-001","seq":901,"subject":"EMP-1","kind":"sideways","time":"2026-11-22T07:58:03+02:00"}"#,
         login
     ));
-    let acks = received(sub);
+    let acks = received(sub, 3);
     assert_eq!(acks.len(), 3, "{acks:?}");
     let codes: Vec<&str> = acks
         .iter()
@@ -423,17 +479,12 @@ fn mosquitto_pub_json_through_a_private_mosquitto_in_auto_mode() {
     assert!(s["reason"].as_str().unwrap().contains("answers"), "{s}");
 
     let login = Some(("door-1", "door-secret"));
-    let sub = subscribe(
-        broker.port,
-        &format!("outpost/v1/{SITE}/door-1/ack"),
-        2,
-        login,
-    );
+    let sub = subscribe(broker.port, &format!("outpost/v1/{SITE}/door-1/ack"), login);
     let punch = r#"{"device_id": "door-1", "seq": 42, "subject": "EMP-0042", "kind": "in", "verify": "card", "time": "2026-11-22T07:58:03+02:00"}"#;
     let topic = format!("outpost/v1/{SITE}/door-1/punch");
     assert!(publish(broker.port, &topic, punch, login));
     assert!(publish(broker.port, &topic, punch, login));
-    let acks = received(sub);
+    let acks = received(sub, 2);
     assert_eq!(acks.len(), 2, "{acks:?}");
     assert_eq!(acks[0]["seq"], 42);
     assert_eq!(acks[0]["status"], "accepted");
@@ -512,6 +563,7 @@ fn crash_while_publishing(gw: &mut Gateway, url: &str, tokens: Option<&Path>, id
     });
     gw.kill9();
     let acked_before = sim.acked();
+    // The outage (part of the scenario, not a wait): devices' publishes fail meanwhile.
     std::thread::sleep(Duration::from_millis(500));
     gw.start();
     let counts = journal_counts(gw);
@@ -586,6 +638,7 @@ fn mosquitto_restart_while_devices_publish() {
         sim.acked().len() >= 100
     });
     broker.stop();
+    // The outage (part of the scenario, not a wait): devices and gateway retry meanwhile.
     std::thread::sleep(Duration::from_millis(1500));
     wait_for("the gateway to notice", Duration::from_secs(10), || {
         mqtt_status(&gw)["state"] == "connecting"

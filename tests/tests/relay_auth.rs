@@ -107,7 +107,7 @@ fn a_gateway_with_a_client_certificate_and_no_token_delivers_everything_once() {
         "{}",
         status(&gw)["uplink"]
     );
-    assert_exactly_once(&relay, &sent);
+    assert_exactly_once(&relay, "gw-cert", &sent);
     assert_eq!(relay_count(&relay, "gw-cert"), 400);
 }
 

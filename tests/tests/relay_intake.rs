@@ -160,6 +160,37 @@ async fn websocket_pipelines_batches_and_acks_in_order() {
     }
 }
 
+/// Polls the relay's `outpost_relay_open_websockets` gauge until it is `n` (20 s at most).
+async fn wait_open_websockets(relay: &Relay, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = None;
+    loop {
+        let addr = relay.addr;
+        let text = tokio::task::spawn_blocking(move || {
+            outpost_tests::proc::http(addr, "GET", "/metrics", &[], b"")
+        })
+        .await
+        .expect("metrics request task");
+        last = text
+            .ok()
+            .and_then(|(_, body)| {
+                String::from_utf8_lossy(&body)
+                    .lines()
+                    .find_map(|l| l.strip_prefix("outpost_relay_open_websockets "))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            })
+            .or(last);
+        if last == Some(n) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "outpost_relay_open_websockets is {last:?}, not {n}, after 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_idle_connections_are_pinged_and_closed() {
     let relay = start(&[
@@ -169,8 +200,11 @@ async fn websocket_idle_connections_are_pinged_and_closed() {
     let token = relay.add_gateway("gw-idle", "HC001").unwrap();
     let mut ws = ws_connect(&relay.ws_url(), Some(&token)).await.unwrap();
     // A client that does not poll its socket never answers pings: the relay closes it as
-    // idle. (Reading would answer the pings automatically.)
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // idle. (Reading would answer the pings automatically, so the test watches the relay's
+    // open-WebSockets gauge instead: up when the relay took the socket, down once it sent
+    // the close frame and let the socket go.)
+    wait_open_websockets(&relay, 1).await;
+    wait_open_websockets(&relay, 0).await;
     let r = ws_reply(&mut ws).await;
     assert_eq!(r, Reply::Close(1000, "idle_timeout".into()));
 }

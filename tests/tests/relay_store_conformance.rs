@@ -30,7 +30,8 @@ fn q(limit: usize) -> PunchQuery {
     }
 }
 
-/// Every rule of DESIGN.md's dedup/conflict/time sections, in one pass.
+/// Every rule of docs/design.md's "Deduplication and conflicts" and "Time without a
+/// real-time clock" sections (stated in full in `outpost_relay::store`), in one pass.
 async fn conformance(store: &dyn Store) {
     store.ready().await.unwrap();
 

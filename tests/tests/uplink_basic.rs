@@ -26,7 +26,7 @@ fn ws_happy_path_everything_once_and_trimmed() {
         "not drained: {}",
         status(&gw)["uplink"]
     );
-    assert_exactly_once(&relay, &expected);
+    assert_exactly_once(&relay, "gw-test", &expected);
     let st = status(&gw);
     let up = &st["uplink"];
     assert_eq!(up["enabled"], true);
@@ -61,7 +61,7 @@ fn ws_happy_path_everything_once_and_trimmed() {
     gw.start();
     expected.extend(post(&gw, "door-1", 1001..1101));
     assert!(wait_drained(&gw, Duration::from_secs(60)));
-    assert_exactly_once(&relay, &expected);
+    assert_exactly_once(&relay, "gw-test", &expected);
     assert_eq!(relay_count(&relay, "gw-test"), 2100);
 }
 
@@ -86,7 +86,7 @@ fn https_transport_delivers_everything_once() {
         "{}",
         status(&gw)["uplink"]
     );
-    assert_exactly_once(&relay, &expected);
+    assert_exactly_once(&relay, "gw-test", &expected);
     let up = &status(&gw)["uplink"];
     assert_eq!(up["transport"], "https");
     assert_eq!(up["records_acked"], 1500);
@@ -121,7 +121,7 @@ fn wrong_token_backs_off_and_keeps_everything() {
         "{}",
         status(&gw)["uplink"]
     );
-    assert_exactly_once(&relay, &expected);
+    assert_exactly_once(&relay, "gw-test", &expected);
 }
 
 #[test]
@@ -165,7 +165,7 @@ fn wall_clock_years_wrong_is_corrected_at_the_relay() {
     let expected = post(&gw, "door-1", 1..301);
     let after = now_ms();
     assert!(wait_drained(&gw, Duration::from_secs(60)));
-    assert_exactly_once(&relay, &expected);
+    assert_exactly_once(&relay, "gw-test", &expected);
     // Records sent before the first ack get their correction from an anchor-only batch.
     assert!(
         wait_until(Duration::from_secs(20), || relay_rows(&relay)

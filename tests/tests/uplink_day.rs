@@ -65,5 +65,5 @@ fn day_long_outage_of_a_500_person_site_drains_exactly_once() {
         day.len(),
         drain.as_secs_f64()
     );
-    assert_exactly_once(&relay, &expected);
+    assert_exactly_once(&relay, "gw-test", &expected);
 }

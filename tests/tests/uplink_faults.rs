@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use outpost_tests::proxy::Proxy;
 use outpost_tests::relay::StoreKind;
+use outpost_tests::seed::seeded;
 use rand::Rng;
 use uplink_support::*;
 
@@ -56,7 +57,7 @@ fn outage(store: StoreKind, queued: u64) {
         status(&gw)["uplink"]
     );
     eprintln!("drained {queued} punches in {:?}", t.elapsed());
-    assert_exactly_once(&relay, &expected);
+    assert_exactly_once(&relay, "gw-test", &expected);
     assert_eq!(relay_count(&relay, "gw-test"), queued + 100);
     let st = status(&gw);
     assert_eq!(st["journal"]["records"], 0, "journal trimmed");
@@ -70,9 +71,7 @@ fn relay_outage_with_100k_queued_then_everything_once_sled() {
 
 #[test]
 fn relay_outage_then_everything_once_postgres() {
-    let Some((_pg, store)) = postgres() else {
-        return;
-    };
+    let (_pg, store) = postgres();
     outage(store, 20_000);
 }
 
@@ -113,7 +112,7 @@ fn lost_acks_are_resent_and_stored_once() {
         "{}",
         status(&gw)["uplink"]
     );
-    assert_exactly_once(&relay, &expected);
+    assert_exactly_once(&relay, "gw-test", &expected);
     assert_eq!(relay_count(&relay, "gw-test"), 600);
     // Whether anything is resent depends on timing: each new connection starts with a
     // hello batch whose ack carries the relay's watermark (600), which trims the journal;
@@ -129,7 +128,8 @@ fn lost_acks_are_resent_and_stored_once() {
     );
 }
 
-/// ~25 s of random faults while punches keep arriving, then exactly-once.
+/// ~25 s of random faults while punches keep arriving, then exactly-once. The fault
+/// schedule is seeded (printed; replay with `OUTPOST_TEST_SEED`).
 #[test]
 fn fault_proxy_long_scenario_exactly_once() {
     let relay = relay(StoreKind::Sled);
@@ -156,7 +156,7 @@ fn fault_proxy_long_scenario_exactly_once() {
         }
         acked
     });
-    let mut rng = rand::rng();
+    let (_seed, mut rng) = seeded("fault_proxy_long_scenario_exactly_once");
     let (mut resets, mut cuts, mut stalls) = (0, 0, 0);
     let end = Instant::now() + Duration::from_secs(25);
     while Instant::now() < end {
@@ -196,6 +196,6 @@ fn fault_proxy_long_scenario_exactly_once() {
         "{}",
         status(&gw)["uplink"]
     );
-    assert_exactly_once(&relay, &expected);
+    assert_exactly_once(&relay, "gw-test", &expected);
     assert_eq!(relay_count(&relay, "gw-test"), expected.len() as u64);
 }

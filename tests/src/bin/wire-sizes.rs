@@ -10,7 +10,7 @@
 //! and the bytes are summed, so every column is an average over the same punches.
 //!
 //! Columns:
-//! - `JSON`: NDJSON, one export object per record (the DESIGN JSON form plus `site`,
+//! - `JSON`: NDJSON, one export object per record (docs/design.md's JSON form plus `site`,
 //!   `gateway_id`, `gateway_seq` and `received_at`, the fields a batch also carries);
 //! - `CBOR`: the uplink frame with codec 0 (14-byte header + columnar CBOR batch);
 //! - `CBOR+zstd`: codec 1; `CBOR+zstd+dict`: codec 2 with `DICT_BATCH_V1`;
