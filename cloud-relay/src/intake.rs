@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use axum::body::{Body, Bytes};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use futures_util::stream::FuturesOrdered;
@@ -42,9 +42,10 @@ use http_body_util::BodyExt;
 use outpost_protocol::frame::{self, FrameError};
 use outpost_protocol::Ack;
 
-use crate::app::{now_ms, AppState};
-use crate::auth::{bearer, GatewayCred};
-use crate::server::ClientCert;
+use crate::auth::{bearer, ClientCert, GatewayCred};
+use crate::clock::now_ms;
+use crate::error::error_response;
+use crate::state::AppState;
 use crate::store::StoreError;
 
 /// A refused request or frame: status, stable code, message for people.
@@ -77,21 +78,6 @@ impl IntakeError {
             _ => 1007,
         }
     }
-}
-
-/// The JSON error body of DESIGN.md: `{"error": {"code", "message", "field"}}`.
-pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
-    let body = serde_json::json!({"error": {"code": code, "message": message, "field": ""}});
-    let mut r = (status, axum::Json(body)).into_response();
-    if status == StatusCode::UNAUTHORIZED {
-        r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    }
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-    }
-    r
 }
 
 impl IntoResponse for IntakeError {
