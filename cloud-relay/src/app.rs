@@ -129,12 +129,9 @@ fn punch_query(state: &AppState, p: &HashMap<String, String>) -> Result<PunchQue
 }
 
 fn store_error(e: crate::store::StoreError) -> Response {
-    tracing::error!(error = %e, "query failed");
-    error_response(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "store_unavailable",
-        &e.to_string(),
-    )
+    let text = e.report();
+    tracing::error!(error = %text, "query failed");
+    error_response(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", &text)
 }
 
 async fn punches(
@@ -248,10 +245,7 @@ async fn punches_csv(
                             let (text, next) = page_text(&page);
                             Some((Ok(text), (next, q, store)))
                         }
-                        Err(e) => Some((
-                            Err(std::io::Error::other(e.to_string())),
-                            (Csv::Done, q, store),
-                        )),
+                        Err(e) => Some((Err(std::io::Error::other(e)), (Csv::Done, q, store))),
                     }
                 }
                 Csv::Done => None,
@@ -356,7 +350,7 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
         Ok(Err(e)) => error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "store_unavailable",
-            &e.to_string(),
+            &e.report(),
         ),
         Err(_) => error_response(
             StatusCode::SERVICE_UNAVAILABLE,

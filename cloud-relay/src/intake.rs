@@ -243,7 +243,7 @@ async fn process_inner(
             IntakeError::new(StatusCode::BAD_REQUEST, e.kind(), e.to_string())
         }
         e => {
-            tracing::error!(error = %e, "store commit failed; the gateway will resend");
+            tracing::error!(error = %e.report(), "store commit failed; the gateway will resend");
             IntakeError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store_unavailable",
@@ -364,6 +364,15 @@ pub async fn uplink(
         })
 }
 
+/// Whether a WebSocket read failed because a message or frame was over
+/// `limits.max_frame_bytes`: tungstenite's `Capacity` error (`MessageTooLong`; its other
+/// variant, `TooManyHeaders`, belongs to the handshake), which axum wraps.
+fn is_capacity_error(e: &axum::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|inner| inner.downcast_ref::<tungstenite::Error>())
+        .is_some_and(|t| matches!(t, tungstenite::Error::Capacity(_)))
+}
+
 /// Initial read buffer of an uplink WebSocket, bytes.
 const WS_READ_BUFFER: usize = 4096;
 
@@ -432,12 +441,11 @@ async fn run_socket(state: Arc<AppState>, cred: GatewayCred, socket: WebSocket) 
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => heard = Instant::now(),
                 Some(Ok(Message::Close(_))) | None => break None,
                 Some(Err(e)) => {
-                    let text = e.to_string();
-                    if text.contains("too long") || text.contains("Space limit") {
+                    if is_capacity_error(&e) {
                         state.metrics.decode_error("frame_too_large");
                         break Some((1009, "frame_too_large".into()));
                     }
-                    tracing::debug!(error = %text, "WebSocket read failed");
+                    tracing::debug!(error = %e, "WebSocket read failed");
                     break Some((1002, "protocol_error".into()));
                 }
             },
@@ -459,5 +467,27 @@ async fn run_socket(state: Arc<AppState>, cred: GatewayCred, socket: WebSocket) 
                 reason: reason.into(),
             })))
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capacity_errors_are_told_apart_by_type() {
+        let too_long =
+            tungstenite::Error::Capacity(tungstenite::error::CapacityError::MessageTooLong {
+                size: 2,
+                max_size: 1,
+            });
+        assert!(is_capacity_error(&axum::Error::new(too_long)));
+        assert!(!is_capacity_error(&axum::Error::new(
+            tungstenite::Error::ConnectionClosed
+        )));
+        // Text alone is not enough: an error that only says "too long" is not tungstenite's.
+        assert!(!is_capacity_error(&axum::Error::new(
+            std::io::Error::other("Message too long")
+        )));
     }
 }

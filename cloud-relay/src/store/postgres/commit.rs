@@ -62,7 +62,10 @@ pub(super) async fn commit(
         }
     }
     Err(last.map_or_else(
-        || StoreError::Unavailable("commit retries exhausted".into()),
+        || StoreError::Unavailable {
+            context: "commit retries exhausted".into(),
+            source: None,
+        },
         pg_err,
     ))
 }

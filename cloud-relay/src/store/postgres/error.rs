@@ -6,22 +6,23 @@
 use crate::store::StoreError;
 
 /// A failed statement or a lost connection: the store is unavailable, nothing committed.
+/// The context names the SQLSTATE; the server's message is in the source.
 pub(super) fn pg_err(e: tokio_postgres::Error) -> StoreError {
-    match e.as_db_error() {
-        Some(db) => StoreError::Unavailable(format!(
-            "PostgreSQL error {}: {}",
-            db.code().code(),
-            db.message()
-        )),
-        None => StoreError::Unavailable(format!("PostgreSQL connection: {e}")),
-    }
+    let context = match e.as_db_error() {
+        Some(db) => format!("PostgreSQL error {}", db.code().code()),
+        None => "PostgreSQL connection".to_string(),
+    };
+    StoreError::unavailable(context, e)
 }
 
-/// No connection from the pool.
+/// No connection from the pool. A connection that failed is kept as the source itself
+/// (deadpool's wrapper would print its text twice).
 pub(super) fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
-    StoreError::Unavailable(format!(
-        "cannot get a PostgreSQL connection (check store.url and that the server is up): {e}"
-    ))
+    let context = "cannot get a PostgreSQL connection (check store.url and that the server is up)";
+    match e {
+        deadpool_postgres::PoolError::Backend(pg) => StoreError::unavailable(context, pg),
+        e => StoreError::unavailable(context, e),
+    }
 }
 
 /// A stored value this relay cannot read back.

@@ -86,7 +86,7 @@ impl PgStore {
             None => cfg.create_pool(Some(Runtime::Tokio1), NoTls),
             Some(rustls) => cfg.create_pool(Some(Runtime::Tokio1), rustls),
         }
-        .map_err(|e| StoreError::Unavailable(format!("store.url is not usable: {e}")))?;
+        .map_err(|e| StoreError::unavailable("store.url is not usable", e))?;
         // The first connection is made here, so that a TLS failure is reported with the
         // key to change rather than as a generic pool error from the migration.
         drop(pool.get().await.map_err(|e| connect_err(e, mode))?);

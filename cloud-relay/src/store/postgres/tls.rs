@@ -28,10 +28,12 @@ pub struct PgTls {
 /// The URL for tokio-postgres and the TLS mode in force: `tls.mode`, else the URL's
 /// `sslmode` (`verify-full`, `require`), else `disable`.
 pub(super) fn resolve_tls(url: &str, tls: &PgTls) -> Result<(String, PgTlsMode), StoreError> {
-    let bad_url = |e: String| StoreError::Unavailable(format!("store.url is not usable: {e}"));
-    let (url, verify_full) =
-        crate::config::pg_url_sslmode("store.url", url).map_err(|e| bad_url(e.to_string()))?;
-    let parsed: tokio_postgres::Config = url.parse().map_err(|e| bad_url(format!("{e}")))?;
+    const BAD_URL: &str = "store.url is not usable";
+    let (url, verify_full) = crate::config::pg_url_sslmode("store.url", url)
+        .map_err(|e| StoreError::unavailable(BAD_URL, e))?;
+    let parsed: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| StoreError::unavailable(BAD_URL, e))?;
     let from_url = match (verify_full, parsed.get_ssl_mode()) {
         (Some(m), _) => Some(m),
         (None, tokio_postgres::config::SslMode::Require) => Some(PgTlsMode::Require),
@@ -46,7 +48,7 @@ pub(super) fn resolve_tls(url: &str, tls: &PgTls) -> Result<(String, PgTlsMode),
         }
     }
     if tls.ca_file.is_some() && mode != PgTlsMode::VerifyFull {
-        return Err(StoreError::Unavailable(format!(
+        return Err(StoreError::refused(format!(
             "store.ca_file is set, but the server's certificate is not checked (TLS mode \
              \"{mode}\"): set store.tls = \"verify-full\", or remove store.ca_file"
         )));
@@ -56,7 +58,7 @@ pub(super) fn resolve_tls(url: &str, tls: &PgTls) -> Result<(String, PgTlsMode),
         .iter()
         .any(|h| matches!(h, tokio_postgres::config::Host::Tcp(_)));
     if mode != PgTlsMode::Disable && !tcp {
-        return Err(StoreError::Unavailable(format!(
+        return Err(StoreError::refused(format!(
             "TLS mode \"{mode}\" (store.tls, or sslmode in store.url) needs a TCP host in \
              store.url, and it names a Unix socket, where PostgreSQL does not offer TLS: \
              set store.tls = \"disable\" for a local socket"
@@ -98,7 +100,7 @@ fn tls_client_config(
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| StoreError::Unavailable(format!("TLS for PostgreSQL: {e}")))?;
+        .map_err(|e| StoreError::unavailable("TLS for PostgreSQL", e))?;
     let mut config = match mode {
         PgTlsMode::Disable => return Ok(None),
         PgTlsMode::Require => builder
@@ -127,23 +129,22 @@ fn pg_roots(ca_file: Option<&Path>) -> Result<rustls::RootCertStore, StoreError>
 /// The CA certificate(s) in `store.ca_file` as trust roots; errors name the key and the
 /// file. The only place this store reads PEM.
 fn load_ca_file(path: &Path) -> Result<rustls::RootCertStore, StoreError> {
-    let bad =
-        |what: &str| StoreError::Unavailable(format!("store.ca_file {}: {what}", path.display()));
-    let file = std::fs::File::open(path).map_err(|e| bad(&e.to_string()))?;
+    let key = format!("store.ca_file {}", path.display());
+    let file = std::fs::File::open(path).map_err(|e| StoreError::unavailable(&key, e))?;
     let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(file))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(&format!("is not PEM ({e})")))?;
+        .map_err(|e| StoreError::unavailable(format!("{key} is not PEM"), e))?;
     if certs.is_empty() {
-        return Err(bad(
-            "holds no PEM certificate; put the CA certificate(s) that issued the PostgreSQL \
-             server's certificate there",
-        ));
+        return Err(StoreError::refused(format!(
+            "{key} holds no PEM certificate; put the CA certificate(s) that issued the \
+             PostgreSQL server's certificate there"
+        )));
     }
     let mut roots = rustls::RootCertStore::empty();
     for cert in certs {
-        roots
-            .add(cert)
-            .map_err(|e| bad(&format!("holds an unusable CA certificate ({e})")))?;
+        roots.add(cert).map_err(|e| {
+            StoreError::unavailable(format!("{key} holds an unusable CA certificate"), e)
+        })?;
     }
     Ok(roots)
 }
@@ -199,15 +200,17 @@ impl rustls::client::danger::ServerCertVerifier for AnyServerCert {
     }
 }
 
-/// The first connection's error, with the key to change for TLS failures.
+/// The first connection's error, with the key to change for TLS failures. The
+/// tokio-postgres error is the source.
 pub(super) fn connect_err(e: deadpool_postgres::PoolError, mode: PgTlsMode) -> StoreError {
-    let deadpool_postgres::PoolError::Backend(pg) = &e else {
+    let deadpool_postgres::PoolError::Backend(pg) = e else {
         return pool_err(e);
     };
-    // tokio-postgres's Display omits the cause ("error performing TLS handshake").
+    // tokio-postgres's Display omits the cause ("error performing TLS handshake"), so the
+    // texts searched below are the whole chain's.
     let mut text = pg.to_string();
     let mut cert_rejected = false;
-    let mut source = std::error::Error::source(pg);
+    let mut source = std::error::Error::source(&pg);
     while let Some(s) = source {
         text.push_str(&format!(": {s}"));
         let rustls_err = s
@@ -220,30 +223,32 @@ pub(super) fn connect_err(e: deadpool_postgres::PoolError, mode: PgTlsMode) -> S
         }
         source = s.source();
     }
-    StoreError::Unavailable(if text.contains("server does not support TLS") {
+    // Substrings only where there is nothing typed to match: tokio-postgres reports a
+    // server that declines TLS as a plain string error, and PostgreSQL says "no
+    // encryption" only in the message of a pg_hba.conf refusal (SQLSTATE 28000 covers
+    // every pg_hba.conf refusal).
+    let context = if text.contains("server does not support TLS") {
         format!(
             "the PostgreSQL server does not accept TLS, but store.tls (or sslmode in \
              store.url) is \"{mode}\": turn ssl on in the server's postgresql.conf, or set \
              store.tls = \"disable\" only if the database is on this host or a trusted \
-             network ({text})"
+             network"
         )
     } else if cert_rejected {
         format!(
             "the PostgreSQL server's certificate was rejected (TLS mode \"{mode}\" from \
-             store.tls or sslmode in store.url): {text}; set store.ca_file to the CA \
-             certificate that issued it, and check that it names the host in store.url"
+             store.tls or sslmode in store.url): set store.ca_file to the CA certificate \
+             that issued it, and check that it names the host in store.url"
         )
     } else if mode == PgTlsMode::Disable && text.contains("no encryption") {
-        format!(
-            "the PostgreSQL server requires TLS (pg_hba.conf hostssl): set store.tls = \
-             \"verify-full\" (or \"require\") ({text})"
-        )
+        "the PostgreSQL server requires TLS (pg_hba.conf hostssl): set store.tls = \
+         \"verify-full\" (or \"require\")"
+            .to_string()
     } else {
-        format!(
-            "cannot connect to PostgreSQL (check store.url, store.tls and that the server \
-             is up): {text}"
-        )
-    })
+        "cannot connect to PostgreSQL (check store.url, store.tls and that the server is up)"
+            .to_string()
+    };
+    StoreError::unavailable(context, pg)
 }
 
 #[cfg(test)]
