@@ -1,10 +1,10 @@
 //! The PostgreSQL store: for production, and for several relays sharing one database.
 //!
-//! - [`schema`]: the tables, their migrations, and how records map to rows.
-//! - [`tls`]: the TLS mode in force and the rustls client for it.
-//! - [`commit`]: one batch, one transaction, a fixed number of round trips.
-//! - [`query`]: the query API's reads.
-//! - [`error`]: how PostgreSQL failures become [`StoreError`]s.
+//! - `schema`: the tables, their migrations, and how records map to rows.
+//! - `tls`: the TLS mode in force and the rustls client for it.
+//! - `commit`: one batch, one transaction, a fixed number of round trips.
+//! - `query`: the query API's reads.
+//! - `error`: how PostgreSQL failures become [`StoreError`]s.
 //!
 //! This file holds the store type: connecting (pool, TLS, migrations) and the [`Store`]
 //! methods, each a call into one of the files above. Those files take the pool, not the
