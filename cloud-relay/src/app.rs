@@ -1,4 +1,5 @@
-//! The HTTP application: shared state, routes, the query API, health and metrics.
+//! The HTTP application: routes, the query API, health and metrics. The state the
+//! handlers share is [`crate::state::AppState`].
 //!
 //! | route | auth | what |
 //! |---|---|---|
@@ -15,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Query, State};
@@ -25,69 +26,12 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use outpost_protocol::json::{format_time, parse_time};
 use serde_json::{json, Value};
-use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::auth::readers::ReaderCreds;
-use crate::auth::{bearer, AdminToken, GatewayCreds};
-use crate::config::LimitsSection;
-use crate::intake::{self, error_response};
-use crate::metrics::Metrics;
-use crate::store::{PunchPage, PunchQuery, PunchRow, Store};
-
-/// Everything the handlers share.
-pub struct AppState {
-    /// The store.
-    pub store: Arc<dyn Store>,
-    /// Live gateway credentials.
-    pub creds: GatewayCreds,
-    /// Live read tokens (query API only).
-    pub readers: ReaderCreds,
-    /// The admin token.
-    pub admin: AdminToken,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-    /// `[limits]`.
-    pub limits: LimitsSection,
-    /// Slots for batches being decoded or committed.
-    pub batch_slots: Arc<Semaphore>,
-    /// Cancelled at shutdown.
-    pub cancel: CancellationToken,
-    /// Commits and WebSockets that shutdown waits for.
-    pub tracker: TaskTracker,
-}
-
-impl AppState {
-    /// State for `store` with the given credentials, token and limits.
-    pub fn new(
-        store: Arc<dyn Store>,
-        creds: GatewayCreds,
-        readers: ReaderCreds,
-        admin: AdminToken,
-        limits: LimitsSection,
-        cancel: CancellationToken,
-    ) -> Arc<AppState> {
-        Arc::new(AppState {
-            store,
-            creds,
-            readers,
-            admin,
-            metrics: Arc::new(Metrics::new()),
-            batch_slots: Arc::new(Semaphore::new(limits.max_concurrent_batches)),
-            limits,
-            cancel,
-            tracker: TaskTracker::new(),
-        })
-    }
-}
-
-/// The relay's clock, Unix ms.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+use crate::auth::bearer;
+use crate::error::error_response;
+use crate::intake;
+use crate::state::AppState;
+use crate::store::{PunchPage, PunchQuery, PunchRow};
 
 /// The router with every route.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -185,12 +129,9 @@ fn punch_query(state: &AppState, p: &HashMap<String, String>) -> Result<PunchQue
 }
 
 fn store_error(e: crate::store::StoreError) -> Response {
-    tracing::error!(error = %e, "query failed");
-    error_response(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "store_unavailable",
-        &e.to_string(),
-    )
+    let text = e.report();
+    tracing::error!(error = %text, "query failed");
+    error_response(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", &text)
 }
 
 async fn punches(
@@ -304,10 +245,7 @@ async fn punches_csv(
                             let (text, next) = page_text(&page);
                             Some((Ok(text), (next, q, store)))
                         }
-                        Err(e) => Some((
-                            Err(std::io::Error::other(e.to_string())),
-                            (Csv::Done, q, store),
-                        )),
+                        Err(e) => Some((Err(std::io::Error::other(e)), (Csv::Done, q, store))),
                     }
                 }
                 Csv::Done => None,
@@ -412,7 +350,7 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
         Ok(Err(e)) => error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "store_unavailable",
-            &e.to_string(),
+            &e.report(),
         ),
         Err(_) => error_response(
             StatusCode::SERVICE_UNAVAILABLE,

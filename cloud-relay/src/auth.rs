@@ -37,12 +37,15 @@
 //! query API (`/v1/punches`, `/v1/gateways`, `/v1/conflicts`), as do the read tokens of
 //! [`readers`]; `/metrics` is open.
 
+mod client_cert;
 pub mod readers;
+
+pub use client_cert::ClientCert;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use outpost_ops::file::{FileError, FileWatch};
 /// SHA-256 of a token.
@@ -51,6 +54,8 @@ use outpost_protocol::Id;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
+
+use crate::clock::now_ms;
 
 /// A credentials file problem.
 #[derive(Debug, thiserror::Error)]
@@ -365,12 +370,6 @@ const TOKEN_BYTES: usize = 32;
 /// A new random token: `prefix` and [`TOKEN_BYTES`] random bytes in hex.
 pub fn new_token(prefix: &str) -> String {
     outpost_ops::token::new_token(prefix, TOKEN_BYTES)
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Writes `text` to `path` atomically ([`outpost_ops::file::write_atomic`]: temp file in

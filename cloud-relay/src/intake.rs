@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use axum::body::{Body, Bytes};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use futures_util::stream::FuturesOrdered;
@@ -42,9 +42,10 @@ use http_body_util::BodyExt;
 use outpost_protocol::frame::{self, FrameError};
 use outpost_protocol::Ack;
 
-use crate::app::{now_ms, AppState};
-use crate::auth::{bearer, GatewayCred};
-use crate::server::ClientCert;
+use crate::auth::{bearer, ClientCert, GatewayCred};
+use crate::clock::now_ms;
+use crate::error::error_response;
+use crate::state::AppState;
 use crate::store::StoreError;
 
 /// A refused request or frame: status, stable code, message for people.
@@ -77,21 +78,6 @@ impl IntakeError {
             _ => 1007,
         }
     }
-}
-
-/// The JSON error body of DESIGN.md: `{"error": {"code", "message", "field"}}`.
-pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
-    let body = serde_json::json!({"error": {"code": code, "message": message, "field": ""}});
-    let mut r = (status, axum::Json(body)).into_response();
-    if status == StatusCode::UNAUTHORIZED {
-        r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    }
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-    }
-    r
 }
 
 impl IntoResponse for IntakeError {
@@ -257,7 +243,7 @@ async fn process_inner(
             IntakeError::new(StatusCode::BAD_REQUEST, e.kind(), e.to_string())
         }
         e => {
-            tracing::error!(error = %e, "store commit failed; the gateway will resend");
+            tracing::error!(error = %e.report(), "store commit failed; the gateway will resend");
             IntakeError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store_unavailable",
@@ -378,6 +364,15 @@ pub async fn uplink(
         })
 }
 
+/// Whether a WebSocket read failed because a message or frame was over
+/// `limits.max_frame_bytes`: tungstenite's `Capacity` error (`MessageTooLong`; its other
+/// variant, `TooManyHeaders`, belongs to the handshake), which axum wraps.
+fn is_capacity_error(e: &axum::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|inner| inner.downcast_ref::<tungstenite::Error>())
+        .is_some_and(|t| matches!(t, tungstenite::Error::Capacity(_)))
+}
+
 /// Initial read buffer of an uplink WebSocket, bytes.
 const WS_READ_BUFFER: usize = 4096;
 
@@ -446,12 +441,11 @@ async fn run_socket(state: Arc<AppState>, cred: GatewayCred, socket: WebSocket) 
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => heard = Instant::now(),
                 Some(Ok(Message::Close(_))) | None => break None,
                 Some(Err(e)) => {
-                    let text = e.to_string();
-                    if text.contains("too long") || text.contains("Space limit") {
+                    if is_capacity_error(&e) {
                         state.metrics.decode_error("frame_too_large");
                         break Some((1009, "frame_too_large".into()));
                     }
-                    tracing::debug!(error = %text, "WebSocket read failed");
+                    tracing::debug!(error = %e, "WebSocket read failed");
                     break Some((1002, "protocol_error".into()));
                 }
             },
@@ -473,5 +467,27 @@ async fn run_socket(state: Arc<AppState>, cred: GatewayCred, socket: WebSocket) 
                 reason: reason.into(),
             })))
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capacity_errors_are_told_apart_by_type() {
+        let too_long =
+            tungstenite::Error::Capacity(tungstenite::error::CapacityError::MessageTooLong {
+                size: 2,
+                max_size: 1,
+            });
+        assert!(is_capacity_error(&axum::Error::new(too_long)));
+        assert!(!is_capacity_error(&axum::Error::new(
+            tungstenite::Error::ConnectionClosed
+        )));
+        // Text alone is not enough: an error that only says "too long" is not tungstenite's.
+        assert!(!is_capacity_error(&axum::Error::new(
+            std::io::Error::other("Message too long")
+        )));
     }
 }

@@ -21,10 +21,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-use crate::app::{self, AppState};
+use crate::app;
 use crate::auth::readers::{ReaderCreds, Readers};
-use crate::auth::{self, AdminToken, GatewayCreds, Gateways};
+use crate::auth::{self, AdminToken, ClientCert, GatewayCreds, Gateways};
 use crate::config::{Config, StoreKind};
+use crate::state::AppState;
 use crate::store::postgres::PgStore;
 use crate::store::sled::SledStore;
 use crate::store::Store;
@@ -104,11 +105,6 @@ fn client_verifier(
         .build()
         .with_context(|| format!("tls.client_ca_file {}", path.display()))
 }
-
-/// The SHA-256 of the client's verified end-entity certificate, attached to every request
-/// of a TLS connection that presented one (see `auth`, "Client certificates").
-#[derive(Debug, Clone, Copy)]
-pub struct ClientCert(pub [u8; 32]);
 
 /// Opens the configured store (applying PostgreSQL migrations).
 pub async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {

@@ -15,8 +15,10 @@ use std::path::Path;
 
 use subtle::ConstantTimeEq;
 
+use crate::clock::now_ms;
+
 use super::{
-    check_id, digest_field, new_token, now_ms, parse_lines, parse_ms, read_optional, token_hash,
+    check_id, digest_field, new_token, parse_lines, parse_ms, read_optional, token_hash,
     write_atomic, AuthError, Live, DIGEST_HEX,
 };
 

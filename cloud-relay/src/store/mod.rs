@@ -66,15 +66,36 @@ pub const SUSPECT_SKEW_MS: u64 = 5 * 60 * 1000;
 /// while batches are in flight out of order; thousands mean a broken or hostile sender.
 pub const MAX_RANGES: usize = 1024;
 
+/// The underlying error of [`StoreError::Unavailable`] and [`StoreError::Io`], as the
+/// library returned it (`tokio_postgres::Error`, `deadpool_postgres::PoolError`,
+/// `sled::Error`, `std::io::Error`, …): downcast it to inspect it.
+pub type StoreSource = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// Why a store operation failed.
+///
+/// The `Display` of [`StoreError::Unavailable`] and [`StoreError::Io`] says what failed
+/// and what to check; the library's error is their `source()`, not repeated in the text.
+/// [`StoreError::report`] gives both, for logs and error bodies.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached or refused the work; nothing was committed. Retry.
-    #[error("store unavailable: {0}")]
-    Unavailable(String),
+    #[error("store unavailable: {context}")]
+    Unavailable {
+        /// What failed, and what to check.
+        context: String,
+        /// The library's error; `None` when the store itself refused (a setting).
+        #[source]
+        source: Option<StoreSource>,
+    },
     /// A local I/O error (disk full, permissions); nothing was committed.
-    #[error("store I/O error: {0}")]
-    Io(String),
+    #[error("store I/O error: {context}")]
+    Io {
+        /// What failed, and what to check.
+        context: String,
+        /// The library's error; `None` when there is none to keep.
+        #[source]
+        source: Option<StoreSource>,
+    },
     /// Stored data could not be decoded: the database was damaged or written by an
     /// incompatible version.
     #[error("stored data is corrupt: {0}")]
@@ -90,14 +111,57 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// [`StoreError::Unavailable`] caused by `source`.
+    pub fn unavailable(
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        StoreError::Unavailable {
+            context: context.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+
+    /// [`StoreError::Unavailable`] with no library error behind it (a setting refused).
+    pub fn refused(context: impl Into<String>) -> Self {
+        StoreError::Unavailable {
+            context: context.into(),
+            source: None,
+        }
+    }
+
+    /// [`StoreError::Io`] caused by `source`.
+    pub fn io(
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        StoreError::Io {
+            context: context.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+
     /// A short stable name for metrics and error bodies.
     pub fn kind(&self) -> &'static str {
         match self {
-            StoreError::Unavailable(_) => "store_unavailable",
-            StoreError::Io(_) => "store_io",
+            StoreError::Unavailable { .. } => "store_unavailable",
+            StoreError::Io { .. } => "store_io",
             StoreError::Corrupt(_) => "store_corrupt",
             StoreError::TooManyGaps { .. } => "too_many_gaps",
         }
+    }
+
+    /// The message and every source below it, `: `-separated: what logs and error bodies
+    /// show, so that the library's reason is not lost.
+    pub fn report(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(e) = source {
+            text.push_str(": ");
+            text.push_str(&e.to_string());
+            source = e.source();
+        }
+        text
     }
 }
 
@@ -508,6 +572,31 @@ pub fn best_anchors(anchors: &[TimeAnchor]) -> Vec<TimeAnchor> {
 mod tests {
     use super::*;
     use outpost_protocol::BootId;
+
+    #[test]
+    fn unavailable_and_io_keep_their_typed_source() {
+        let io = std::io::Error::new(std::io::ErrorKind::StorageFull, "disk full");
+        let e = StoreError::io("cannot fsync the sled store in /d", io);
+        assert_eq!(
+            e.to_string(),
+            "store I/O error: cannot fsync the sled store in /d"
+        );
+        let source = std::error::Error::source(&e).expect("a source");
+        let io = source
+            .downcast_ref::<std::io::Error>()
+            .expect("the io::Error");
+        assert_eq!(io.kind(), std::io::ErrorKind::StorageFull);
+        assert_eq!(
+            e.report(),
+            "store I/O error: cannot fsync the sled store in /d: disk full"
+        );
+        assert_eq!(e.kind(), "store_io");
+
+        let e = StoreError::refused("store.ca_file is set");
+        assert!(std::error::Error::source(&e).is_none());
+        assert_eq!(e.report(), "store unavailable: store.ca_file is set");
+        assert_eq!(e.kind(), "store_unavailable");
+    }
 
     #[test]
     fn ranges_merge_and_watermark() {

@@ -209,7 +209,7 @@ fn be_u64(what: &str, b: &[u8]) -> Result<u64, StoreError> {
 }
 
 fn io(e: sled::Error) -> StoreError {
-    StoreError::Io(e.to_string())
+    StoreError::io("sled", e)
 }
 
 /// The sled store. Cheap to clone.
@@ -255,10 +255,10 @@ fn sync_store_dir(dir: &Path) -> Result<(), StoreError> {
                     && e.source.kind() == std::io::ErrorKind::NotFound
                     && dir.is_dir() => {}
             Err(e) => {
-                return Err(StoreError::Io(format!(
-                    "cannot fsync the sled store in {}: {e}",
-                    dir.display()
-                )))
+                return Err(StoreError::io(
+                    format!("cannot fsync the sled store in {}", dir.display()),
+                    e,
+                ))
             }
         }
     }
@@ -317,6 +317,8 @@ impl SledStore {
             })?;
             match opened {
                 Ok(db) => break db,
+                // sled reports a held lock only as an `Io` error whose text says so; there
+                // is no variant or error kind to match.
                 Err(e)
                     if std::time::Instant::now() < deadline
                         && e.to_string().contains("acquire lock") =>
@@ -324,10 +326,13 @@ impl SledStore {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
                 Err(e) => {
-                    return Err(StoreError::Io(format!(
-                        "cannot open sled store in {}: {e} (is another relay using this relay.data_dir?)",
-                        dir.display()
-                    )))
+                    return Err(StoreError::io(
+                        format!(
+                            "cannot open sled store in {} (is another relay using this relay.data_dir?)",
+                            dir.display()
+                        ),
+                        e,
+                    ))
                 }
             }
         };
@@ -339,18 +344,17 @@ impl SledStore {
             Ok(tree)
         })?
         .map_err(|e| {
-            StoreError::Io(format!(
-                "cannot read the sled store in {}: {e}",
-                dir.display()
-            ))
+            StoreError::io(
+                format!("cannot read the sled store in {}", dir.display()),
+                e,
+            )
         })?;
         if !existed {
             // A new store: its files, and its own name in the parent directory.
             db.flush().map_err(io)?;
             sync_store_dir(dir)?;
-            outpost_ops::file::sync_dir(outpost_ops::file::parent_dir(dir)).map_err(|e| {
-                StoreError::Io(format!("cannot fsync the sled store's parent: {e}"))
-            })?;
+            outpost_ops::file::sync_dir(outpost_ops::file::parent_dir(dir))
+                .map_err(|e| StoreError::io("cannot fsync the sled store's parent", e))?;
         }
         Ok(SledStore {
             inner: Arc::new(Inner {
@@ -380,7 +384,7 @@ impl SledStore {
         let dir = self.inner.dir.clone();
         tokio::task::spawn_blocking(move || sync_store_dir(&dir))
             .await
-            .map_err(|e| StoreError::Io(format!("store sync task failed: {e}")))??;
+            .map_err(|e| StoreError::io("store sync task failed", e))??;
         self.inner.syncs.fetch_add(1, Ordering::Relaxed);
         *durable = (*durable).max(target);
         Ok(())
@@ -393,7 +397,7 @@ impl SledStore {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || f(&inner))
             .await
-            .map_err(|e| StoreError::Io(format!("store task failed: {e}")))?
+            .map_err(|e| StoreError::io("store task failed", e))?
     }
 }
 
@@ -429,7 +433,11 @@ impl Inner {
         let _guard = self
             .commit_lock
             .lock()
-            .map_err(|_| StoreError::Io("a previous commit panicked".into()))?;
+            // A PoisonError borrows the lock's guard, so it cannot be kept as a source.
+            .map_err(|_| StoreError::Io {
+                context: "a previous commit panicked".into(),
+                source: None,
+            })?;
         let gw = batch.gateway_id.as_str();
         let mut out = CommitOutcome::default();
         let mut w = sled::Batch::default();

@@ -1,0 +1,155 @@
+//! The PostgreSQL store: for production, and for several relays sharing one database.
+//!
+//! - `schema`: the tables, their migrations, and how records map to rows.
+//! - `tls`: the TLS mode in force and the rustls client for it.
+//! - `commit`: one batch, one transaction, a fixed number of round trips.
+//! - `query`: the query API's reads.
+//! - `error`: how PostgreSQL failures become [`StoreError`]s.
+//!
+//! This file holds the store type: connecting (pool, TLS, migrations) and the [`Store`]
+//! methods, each a call into one of the files above. Those files take the pool, not the
+//! store, so none of them imports this one.
+//!
+//! A failure anywhere in a commit rolls the whole batch back: nothing is acked, the gateway
+//! resends. A lost connection (database restart) returns [`StoreError::Unavailable`]; the
+//! pool reconnects on the next commit.
+
+mod commit;
+mod error;
+mod query;
+mod schema;
+mod tls;
+
+use std::time::Duration;
+
+use deadpool_postgres::{ManagerConfig, Pool, PoolConfig, RecyclingMethod, Runtime, Timeouts};
+use outpost_protocol::Batch;
+use tokio_postgres::NoTls;
+
+pub use schema::MIGRATIONS;
+pub use tls::PgTls;
+
+use super::{
+    BoxFuture, CommitOutcome, ConflictRow, GatewayInfo, PunchPage, PunchQuery, RejectedRow, Store,
+    StoreError,
+};
+use crate::config::PgTlsMode;
+use tls::{connect_err, resolve_tls, tls_connector};
+
+/// The PostgreSQL store. Cheap to clone.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+}
+
+impl PgStore {
+    /// Connects to `url` with a pool of `max_connections`, and applies pending migrations
+    /// in one transaction (serialised across relays by an advisory lock). TLS follows the
+    /// URL's `sslmode` (see [`PgStore::connect_with_tls`] with no `store.tls`).
+    pub async fn connect(url: &str, max_connections: usize) -> Result<Self, StoreError> {
+        PgStore::connect_with_tls(url, max_connections, &PgTls::default()).await
+    }
+
+    /// Like [`PgStore::connect`], with TLS settings from `store.tls` and `store.ca_file`.
+    ///
+    /// The mode in force is `tls.mode` when set, else the URL's `sslmode` (`require` or
+    /// `verify-full`), else no TLS. With TLS the connection never falls back to plain
+    /// TCP: a server without TLS is an error, not a downgrade.
+    pub async fn connect_with_tls(
+        url: &str,
+        max_connections: usize,
+        tls: &PgTls,
+    ) -> Result<Self, StoreError> {
+        let (url, mode) = resolve_tls(url, tls)?;
+        let connector = tls_connector(mode, tls.ca_file.as_deref())?;
+        let mut cfg = deadpool_postgres::Config::new();
+        cfg.url = Some(url);
+        // Overrides the URL's sslmode: tokio-postgres's default (`prefer`) would silently
+        // fall back to plain TCP when the server (or an attacker) declines TLS.
+        cfg.ssl_mode = Some(match mode {
+            PgTlsMode::Disable => deadpool_postgres::SslMode::Disable,
+            PgTlsMode::Require | PgTlsMode::VerifyFull => deadpool_postgres::SslMode::Require,
+        });
+        cfg.connect_timeout = Some(Duration::from_secs(5));
+        cfg.manager = Some(ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        });
+        let mut pc = PoolConfig::new(max_connections.max(1));
+        pc.timeouts = Timeouts {
+            wait: Some(Duration::from_secs(10)),
+            create: Some(Duration::from_secs(5)),
+            recycle: Some(Duration::from_secs(5)),
+        };
+        cfg.pool = Some(pc);
+        // The connector types differ, the pool type does not.
+        let pool = match connector {
+            None => cfg.create_pool(Some(Runtime::Tokio1), NoTls),
+            Some(rustls) => cfg.create_pool(Some(Runtime::Tokio1), rustls),
+        }
+        .map_err(|e| StoreError::unavailable("store.url is not usable", e))?;
+        // The first connection is made here, so that a TLS failure is reported with the
+        // key to change rather than as a generic pool error from the migration.
+        drop(pool.get().await.map_err(|e| connect_err(e, mode))?);
+        tracing::info!(tls = %mode, "connected to PostgreSQL");
+        let store = PgStore { pool };
+        schema::migrate(&store.pool).await?;
+        Ok(store)
+    }
+
+    /// Checks `store.tls` and `store.ca_file` for `url` without connecting (for
+    /// `check-config`): the CA file must hold PEM certificates. Returns the mode in force.
+    pub fn check_tls(url: &str, tls: &PgTls) -> Result<PgTlsMode, StoreError> {
+        let (_, mode) = resolve_tls(url, tls)?;
+        tls_connector(mode, tls.ca_file.as_deref())?;
+        Ok(mode)
+    }
+}
+
+impl Store for PgStore {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn commit(
+        &self,
+        batch: Batch,
+        now_ms: i64,
+    ) -> BoxFuture<'_, Result<CommitOutcome, StoreError>> {
+        Box::pin(async move { commit::commit(&self.pool, &batch, now_ms).await })
+    }
+
+    fn punches(&self, query: PunchQuery) -> BoxFuture<'_, Result<PunchPage, StoreError>> {
+        Box::pin(async move { query::punches(&self.pool, &query).await })
+    }
+
+    fn gateways(&self) -> BoxFuture<'_, Result<Vec<GatewayInfo>, StoreError>> {
+        Box::pin(query::gateways(&self.pool))
+    }
+
+    fn conflicts(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<ConflictRow>, StoreError>> {
+        Box::pin(query::conflicts(&self.pool, after, limit))
+    }
+
+    fn rejected(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<RejectedRow>, StoreError>> {
+        Box::pin(query::rejected(&self.pool, after, limit))
+    }
+
+    fn ready(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(query::ready(&self.pool))
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.pool.close();
+            Ok(())
+        })
+    }
+}
