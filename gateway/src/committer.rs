@@ -116,8 +116,8 @@ async fn run(
     let mut drained = 0usize;
     loop {
         if in_flight.is_none() && !waiting.is_empty() {
-            let journal = c.journal.clone();
-            let task = tokio::spawn(async move { journal.flush().await });
+            // `flush()` fixes what it covers now, before any later append can run.
+            let task = tokio::spawn(c.journal.flush());
             in_flight = Some((task, std::mem::take(&mut waiting)));
         }
         if rx_done && in_flight.is_none() && waiting.is_empty() {

@@ -405,29 +405,42 @@ impl Journal {
     /// treat the records appended since the last successful flush as not stored. Never
     /// blocks the async runtime: the fsync and the update of the watermark (which takes
     /// the writer's lock) run in `spawn_blocking`.
-    pub async fn flush(&self) -> Result<(), JournalError> {
+    ///
+    /// What the flush covers is fixed when this is *called*, not when the future first
+    /// runs: a caller that spawns the future and then appends more can never have an
+    /// append that breaks and reopens the journal slip in between. If the journal reopens
+    /// before the flush ends, the flush fails, because the reopen may have dropped the
+    /// records it was meant to cover.
+    pub fn flush(
+        &self,
+    ) -> impl std::future::Future<Output = Result<(), JournalError>> + Send + 'static {
         // Appends publish before they return, so this covers every append that returned
-        // before the flush started.
-        let (db, target, generation) = {
+        // before this call.
+        let start = {
             let view = self.shared.published.view();
             if let Some((reason, full)) = &view.broken {
-                return Err(self.recovering(reason, *full));
+                Err(self.recovering(reason, *full))
+            } else if let Some(db) = view.db.clone() {
+                Ok((db, view.stats.next_seq - 1, view.generation))
+            } else {
+                Err(self.recovering("the journal is closed", false))
             }
-            let Some(db) = view.db.clone() else {
-                return Err(self.recovering("the journal is closed", false));
-            };
-            (db, view.stats.next_seq - 1, view.generation)
         };
-        let flushed = db.flush_async().await.map(|_| ());
-        drop(db);
         let j = self.clone();
-        match tokio::task::spawn_blocking(move || j.finish_flush(flushed, target, generation)).await
-        {
-            Ok(r) => r,
-            Err(e) => Err(JournalError::from_sled(
-                self.shared.dir.clone(),
-                sled::Error::Io(std::io::Error::other(format!("flush task failed: {e}"))),
-            )),
+        async move {
+            let (db, target, generation) = start?;
+            let flushed = db.flush_async().await.map(|_| ());
+            drop(db);
+            let dir = j.shared.dir.clone();
+            match tokio::task::spawn_blocking(move || j.finish_flush(flushed, target, generation))
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => Err(JournalError::from_sled(
+                    dir,
+                    sled::Error::Io(std::io::Error::other(format!("flush task failed: {e}"))),
+                )),
+            }
         }
     }
 
@@ -452,9 +465,14 @@ impl Journal {
         });
         let mut inner = self.lock();
         let done = match result {
+            Ok(()) if inner.generation != generation => {
+                // A reopen since the flush started reset the watermark from the disk and
+                // may have dropped the records this flush was to cover: they are not
+                // acknowledged (the devices resend; duplicates are recognised).
+                Err(self.recovering("the journal reopened during the flush", false))
+            }
             Ok(()) => {
-                // A reopen since the flush started reset the watermark from the disk.
-                if inner.generation == generation && target > inner.durable_through {
+                if target > inner.durable_through {
                     inner.durable_through = target;
                 }
                 Ok(())

@@ -258,3 +258,48 @@ fn a_reopen_is_published() {
     flush(&j);
     assert_eq!(j.durable_through(), j.next_seq() - 1);
 }
+
+/// A flush covers what was appended when it was *called*. If the journal breaks and
+/// reopens before that flush ends (a later append hit an I/O error), the reopen may have
+/// dropped the records the flush was to cover, so the flush must fail rather than let the
+/// committer acknowledge them.
+#[test]
+fn a_flush_that_spans_a_reopen_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(dir.path(), &cfg(1000, 3600)).unwrap();
+    j.append_at(&[p("a", 1)], T0).unwrap();
+    flush(&j);
+    j.append_at(&[p("a", 2)], T0).unwrap();
+    // The committer creates the flush and then goes on appending.
+    let pending_flush = j.flush();
+    {
+        let mut inner = j.lock();
+        let e = j.recovering("test: disk full", true);
+        mark_broken(&mut inner, &e);
+        j.publish(&inner);
+    }
+    let writer = {
+        let j = j.clone();
+        std::thread::spawn(move || j.append_at(&[p("a", 3)], T0))
+    };
+    // Wait until the next append is reopening (it has let go of its handle and now waits
+    // for sled's file lock, which the flush's handle still holds).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while j.shared.published.view().db.is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the append never started reopening"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let flushed = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(pending_flush);
+    assert!(
+        matches!(flushed, Err(JournalError::Recovering { .. })),
+        "{flushed:?}"
+    );
+    let reopened = writer.join().unwrap();
+    assert!(reopened.is_ok(), "{reopened:?}");
+}
