@@ -1,6 +1,6 @@
 //! Batch intake: `POST /v1/batches` and the `GET /v1/uplink` WebSocket.
 //!
-//! Both carry the same frames (DESIGN.md, "Uplink frames") and go through
+//! Both carry the same frames (docs/design.md, "Uplink frames") and go through
 //! [`process_frame`]: authenticate (Bearer token → gateway, or without a token the verified
 //! client certificate → gateway, see `auth`; before any body is read), take a
 //! slot of `limits.max_concurrent_batches` (so memory is bounded by slots × (frame + raw)

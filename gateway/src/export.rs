@@ -1,6 +1,6 @@
 //! Journal exports: NDJSON and CSV rows for records.
 //!
-//! Each row has DESIGN.md's JSON punch fields (`device_id`, `seq`, `subject`, `kind`,
+//! Each row has the JSON punch fields of docs/design.md ("JSON form") (`device_id`, `seq`, `subject`, `kind`,
 //! `verify`, `time`) plus `site`, `gateway_id`, `gateway_seq`, `received_at` (the gateway's
 //! wall clock, RFC 3339 UTC), `clock_synced` and `source`. The same rows are produced by
 //! `GET /v1/export` on a running gateway and by `outpost-gateway export` reading a stopped

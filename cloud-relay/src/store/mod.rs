@@ -1,7 +1,7 @@
 //! The relay's storage: one [`Store`] trait, two implementations ([`sled`] embedded,
 //! [`postgres`] for production and for several relays sharing one database).
 //!
-//! ## Rules every store implements (DESIGN.md, "Deduplication and conflicts")
+//! ## Rules every store implements (docs/design.md, "Deduplication and conflicts")
 //!
 //! - **Primary key** `(gateway_id, journal_epoch, gateway_seq)`. A record whose primary key
 //!   is already stored is a *duplicate* (counted, nothing written) when its punch key is
@@ -225,7 +225,7 @@ pub struct PunchRow {
 }
 
 impl PunchRow {
-    /// The JSON object of the query API: DESIGN.md's punch fields plus `site`,
+    /// The JSON object of the query API: the punch fields of docs/design.md ("JSON form") plus `site`,
     /// `gateway_id`, `gateway_seq`, `received_at` (gateway wall clock), `corrected_time`
     /// (null until known), `clock_synced`, `device_skew_ms` (device time minus corrected
     /// time), `device_clock_suspect` (skew over [`SUSPECT_SKEW_MS`]), `source`,
@@ -249,7 +249,7 @@ impl PunchRow {
             self.corrected_ms
                 .map_or(Value::Null, |t| format_time(t, None).into()),
         );
-        // DESIGN.md: keep device_time as sent, flag punches far from the receive time.
+        // docs/design.md ("Time without a real-time clock"): keep device_time as sent, flag punches far from the receive time.
         let skew = self
             .corrected_ms
             .map(|t| self.record.punch.device_time_ms.saturating_sub(t));

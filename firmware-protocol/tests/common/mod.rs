@@ -13,7 +13,7 @@ pub const BOOT: BootId = BootId([
     0x8f, 0x1e, 0x54, 0x2a, 0x9c, 0x03, 0x4b, 0x61, 0xa7, 0x7d, 0x10, 0xe2, 0x35, 0xc8, 0x6b, 0x0f,
 ]);
 
-/// The DESIGN example punch: door-1, seq 42, EMP-0042, in, card, 2026-11-22T07:58:03+02:00.
+/// The example punch of docs/design.md ("JSON form"): door-1, seq 42, EMP-0042, in, card, 2026-11-22T07:58:03+02:00.
 pub fn punch() -> Punch {
     Punch {
         device_id: id("door-1"),
