@@ -14,7 +14,7 @@
 //! durably committed (the committer's fsync returned), found to be a duplicate, or
 //! definitively rejected. After the commit the gateway publishes the device-level ack
 //! (accepted / duplicate / rejected + code, by `device_seq`) to the device's ack topic, in
-//! the device's own encoding ([`payload`]). A device keeps each punch in its outbox
+//! the device's own encoding ([`crate::ingest::punch_body`]). A device keeps each punch in its outbox
 //! (`outpost_protocol::outbox`) and resends it until it sees that ack. Together: no punch a
 //! device saw acknowledged can be lost, whatever the broker does with its own queues, and a
 //! resent punch is stored once (the journal deduplicates by `(device_id, device_seq)`).
@@ -48,7 +48,6 @@
 pub mod broker;
 pub mod client;
 pub mod config;
-pub mod payload;
 pub mod pipeline;
 pub mod status;
 
