@@ -4,6 +4,8 @@
 //!
 //! - `Authorization: Bearer <device token>` (unless `auth.required = false`). A device may
 //!   only post punches whose `device_id` is its own.
+//! - Rate limit: per device, the token's; in lab mode each punch's `device_id` (a request
+//!   with no valid punch counts against the client's address).
 //! - Body: one punch or an array of punches, as JSON (the protocol crate's JSON form; the
 //!   default) or as CBOR (`Content-Type: application/cbor`, the protocol crate's `Punch` or
 //!   an array), decoded by [`punch_body`], the codec MQTT uses too.
@@ -123,20 +125,12 @@ async fn post_punches(
         None
     };
 
-    // 2. Rate limit by device (or by address in lab mode).
-    let key = device.clone().unwrap_or_else(|| peer.ip().to_string());
-    if let Err(wait) = st.limiter.check(&key) {
-        st.metrics.reject("rate_limited");
-        let secs = wait.max(MIN_RETRY_AFTER).as_secs_f64().ceil() as u64;
-        let mut r = error_response(
-            StatusCode::TOO_MANY_REQUESTS,
-            RejectCode::RateLimited,
-            &format!("too many requests from {key}; retry after {secs} s"),
-            "",
-        );
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        return r;
+    // 2. Rate limit by the token's device, before reading the body. (Lab mode has no
+    // token: it limits after parsing, by the punches' devices; see step 4.)
+    if let Some(dev) = &device {
+        if let Some(r) = throttled(&st, std::slice::from_ref(dev)) {
+            return r;
+        }
     }
 
     // 3. Body, bounded.
@@ -188,7 +182,30 @@ async fn post_punches(
         max_punches: st.max_punches,
         setting: "http.max_punches_per_request",
     };
-    let mut decoded = match punch_body::decode(&bytes, encoding, limit) {
+    let decoded = punch_body::decode(&bytes, encoding, limit);
+
+    // Lab mode: every device its own bucket, as with tokens, so devices (or a test client)
+    // behind one address are not throttled together. A body with no valid punch is
+    // limited by the client's address.
+    if device.is_none() {
+        let mut keys: Vec<String> = match &decoded {
+            Ok(d) => d
+                .valid()
+                .map(|p| p.device_id.as_str().to_string())
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        keys.sort_unstable();
+        keys.dedup();
+        if keys.is_empty() {
+            keys.push(peer.ip().to_string());
+        }
+        if let Some(r) = throttled(&st, &keys) {
+            return r;
+        }
+    }
+
+    let mut decoded = match decoded {
         Ok(d) => d,
         Err(rej) => {
             st.metrics.reject(rej.code.as_str());
@@ -222,6 +239,28 @@ async fn post_punches(
     // 7. Answer in request order.
     let results = punch_body::results(decoded.items, &mut outcomes);
     respond(&st.metrics, encoding, &results)
+}
+
+/// Takes a token from each key's bucket; the 429 answer for the first one that is empty.
+/// (Keys before it keep their spent token: a request for several devices is rare, and
+/// the bucket refills.)
+fn throttled(st: &HttpIngest, keys: &[String]) -> Option<Response> {
+    for key in keys {
+        if let Err(wait) = st.limiter.check(key) {
+            st.metrics.reject("rate_limited");
+            let secs = wait.max(MIN_RETRY_AFTER).as_secs_f64().ceil() as u64;
+            let mut r = error_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                RejectCode::RateLimited,
+                &format!("too many requests from {key}; retry after {secs} s"),
+                "",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            return Some(r);
+        }
+    }
+    None
 }
 
 fn respond(metrics: &Metrics, encoding: Encoding, results: &[PunchResult]) -> Response {

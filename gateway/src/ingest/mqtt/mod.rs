@@ -287,15 +287,17 @@ pub async fn start(p: MqttParams, shutdown: CancellationToken) -> Result<MqttSer
         None => target.url.to_string(),
     };
     status.chose(kind, target.url.to_string(), reason.clone());
-    tracing::info!(broker = %broker_name, why = %reason, "MQTT ingest: using the {kind} broker");
-    if embedded.is_some() && !p.auth_required {
-        tracing::warn!(
-            "LAB MODE: the embedded MQTT broker accepts any login (auth.required = false)"
-        );
-    }
+    // In lab mode the daemon's one LAB MODE warning already says the embedded broker lets
+    // anyone in; this line only records it.
+    let logins = match (&embedded, p.auth_required) {
+        (Some(_), false) => "anyone, with or without a login (auth.required = false)",
+        (Some(_), true) => "device id and device token",
+        (None, _) => "the external broker's",
+    };
+    tracing::info!(broker = %broker_name, why = %reason, logins, "MQTT ingest: using the {kind} broker");
 
     let client_id = cfg.client_id_for(&p.gateway_id);
-    let (client, eventloop) = AsyncClient::new(
+    let (client, eventloop) = client::new_client(
         client::options(&target, &client_id, &cfg, false),
         client::REQUEST_CHANNEL,
     );
