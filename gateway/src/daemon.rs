@@ -75,11 +75,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let devices = watch_devices(cfg.devices_file(), Duration::from_secs(2), shutdown.clone())
         .context("cannot read the device credentials (auth.devices_file)")?;
     if !cfg.auth.required {
-        for _ in 0..3 {
-            tracing::warn!(
-                "LAB MODE: auth.required = false — anyone on this network can post punches for any device. Never run a site like this."
-            );
-        }
+        // Once: a warning repeated at every start line is a warning people learn to skip.
+        tracing::warn!(
+            "LAB MODE: auth.required = false — anyone on this network can post punches for any device (HTTP without a token; the embedded MQTT broker, when used, without a login). Never run a site like this."
+        );
     } else if devices.borrow().entries().is_empty() {
         tracing::warn!(
             "no device credentials yet: every punch will be refused with 401 until you run `outpost-gateway device add <device_id>`"

@@ -1,7 +1,8 @@
 //! Per-device rate limiting (token buckets).
 //!
-//! Each device (or, in lab mode, each client address) has a bucket of `burst` tokens that
-//! refills at `per_second`. A request takes one token; an empty bucket means 429 with a
+//! Each device has a bucket of `burst` tokens that refills at `per_second`. The device is
+//! the token's; in lab mode (no tokens) it is each punch's `device_id`, and a request with
+//! no valid punch is keyed by the client's address (see `ingest::http`). A request takes one token; an empty bucket means 429 with a
 //! `Retry-After` of the seconds until the next token. Buckets that have been full for a
 //! while are forgotten, so the table stays as small as the set of active devices.
 

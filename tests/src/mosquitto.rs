@@ -7,9 +7,10 @@
 //!   `user root`; mosquitto ignores that line when it is not started as root.
 //! - `persistence true`: a broker stopped with SIGTERM and started again keeps its
 //!   persistent sessions and queued QoS 1 messages (a SIGKILL loses what was not saved).
-//! - `max_inflight_messages 1000` and a large `max_queued_messages`, the settings the
-//!   gateway's documentation recommends for a site broker (the defaults, 20 and 1000,
-//!   throttle ack-after-commit ingest and drop punches queued while the gateway restarts).
+//! - `max_inflight_messages 1000`, a large `max_queued_messages` and `set_tcp_nodelay true`,
+//!   the settings the gateway's documentation recommends for a site broker (the defaults,
+//!   20 and 1000, throttle ack-after-commit ingest and drop punches queued while the
+//!   gateway restarts; Nagle's algorithm delays each small ack by up to 40 ms).
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -78,6 +79,7 @@ impl Mosquitto {
              max_inflight_messages 1000\n\
              max_queued_messages 1000000\n\
              max_packet_size 1048576\n\
+             set_tcp_nodelay true\n\
              log_dest stderr\n\
              log_type error\n\
              log_type warning\n\

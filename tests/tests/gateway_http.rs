@@ -199,6 +199,46 @@ fn rate_limit_answers_429_with_retry_after() {
     assert!(codes[2..].contains(&429), "{codes:?}");
 }
 
+/// Lab mode has no tokens: the limit is per punch `device_id`, so devices behind one
+/// address (or one test client) are not throttled together.
+#[test]
+fn lab_mode_rate_limit_is_per_device_not_per_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::new(
+        dir.path(),
+        &[
+            ("OUTPOST_AUTH__REQUIRED", "false"),
+            ("OUTPOST_HTTP__RATE_LIMIT_PER_SECOND", "1"),
+            ("OUTPOST_HTTP__RATE_LIMIT_BURST", "2"),
+        ],
+    );
+    gw.start();
+    // One device past its burst is limited...
+    let codes: Vec<u16> = (1..=4)
+        .map(|s| gw.post_punches(None, &punch("door-1", s)).unwrap().0)
+        .collect();
+    assert_eq!(&codes[..2], &[201, 201]);
+    assert!(codes[2..].contains(&429), "{codes:?}");
+    // ... and four more devices from the same address still get their own burst.
+    for d in 2..=5 {
+        let device = format!("door-{d}");
+        for s in 1..=2 {
+            let (code, v) = gw.post_punches(None, &punch(&device, s)).unwrap();
+            assert_eq!(code, 201, "{device} seq {s}: {v}");
+        }
+    }
+    // A body without a valid punch is limited by the client's address.
+    let codes: Vec<u16> = (0..4)
+        .map(|_| {
+            http(gw.addr, "POST", "/v1/punches", &[], b"{not json")
+                .unwrap()
+                .0
+        })
+        .collect();
+    assert_eq!(&codes[..2], &[400, 400]);
+    assert!(codes[2..].contains(&429), "{codes:?}");
+}
+
 #[test]
 fn body_limit_is_413() {
     let dir = tempfile::tempdir().unwrap();

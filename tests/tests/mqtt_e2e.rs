@@ -498,6 +498,35 @@ fn mosquitto_pub_json_through_a_private_mosquitto_in_auto_mode() {
     broker.stop();
 }
 
+/// Lab mode (`auth.required = false`): the embedded broker lets in a client with no
+/// username at all, as `mosquitto_pub -h … -t … -m …` connects, and the LAB MODE warning
+/// is logged once.
+#[test]
+fn lab_mode_embedded_broker_takes_anonymous_clients_and_warns_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut gw, port) = embedded_gateway(dir.path(), &[("OUTPOST_AUTH__REQUIRED", "false")]);
+    gw.start();
+    let sub = subscribe(port, &format!("outpost/v1/{SITE}/door-1/ack"), None);
+    let punch = r#"{"device_id": "door-1", "seq": 7, "subject": "EMP-0042", "kind": "in", "time": "2026-11-22T07:58:03+02:00"}"#;
+    assert!(
+        publish(
+            port,
+            &format!("outpost/v1/{SITE}/door-1/punch"),
+            punch,
+            None
+        ),
+        "the embedded broker refused a client without a username in lab mode"
+    );
+    let acks = received(sub, 1);
+    assert_eq!(acks.len(), 1, "{acks:?}");
+    assert_eq!(acks[0]["status"], "accepted", "{acks:?}");
+    assert_eq!(acks[0]["seq"], 7);
+    assert_eq!(journal_counts(&gw).len(), 1);
+    let log = std::fs::read_to_string(gw.log_path()).unwrap();
+    assert_eq!(log.matches("LAB MODE").count(), 1, "{log}");
+    assert_eq!(gw.terminate().map(|s| s.success()), Some(true));
+}
+
 #[test]
 fn refused_gateway_login_fails_start_naming_the_keys() {
     let dir = tempfile::tempdir().unwrap();

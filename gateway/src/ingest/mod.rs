@@ -7,6 +7,8 @@
 //! - `http`: `POST /v1/punches`, JSON or CBOR, bearer-token devices.
 //! - `adms`: ZKTeco terminals pushing over the "iclock" protocol.
 //! - `mqtt`: devices publishing on `outpost/v1/{site}/{device}/punch`, embedded broker by default.
+//! - `punch_body`: the punch codec HTTP and MQTT share (JSON or CBOR bodies, per-punch results).
 pub mod adms;
 pub mod http;
 pub mod mqtt;
+pub mod punch_body;

@@ -7,7 +7,10 @@
 //!   password. Tokens are checked against the hashes in `auth.devices_file`, reloaded live,
 //!   so issuing or revoking a device needs no restart. The gateway's own client logs in
 //!   with a random secret made at start. With `auth.required = false` (lab mode) anyone may
-//!   connect.
+//!   connect, with any login or none at all (`mosquitto_pub -h … -t … -m …`): rumqttd
+//!   refuses a CONNECT without a username whenever an auth handler is installed, so lab
+//!   mode installs none. The gateway's username gives no rights of its own (rumqttd has no
+//!   ACLs), so nothing is lost by not checking it there.
 //! - rumqttd has no per-topic ACLs: an authenticated device could publish on another
 //!   device's topic. The gateway still checks that each punch's `device_id` matches its
 //!   topic; sites that need topic ACLs run mosquitto (`mqtt.mode = "external"`).
@@ -46,11 +49,10 @@ pub struct EmbeddedBroker {
     pub(crate) internal_password: String,
 }
 
-/// Who may log in.
+/// Who may log in when `auth.required` is on (in lab mode there is no check at all).
 #[derive(Clone)]
 struct Authenticator {
     devices: watch::Receiver<Arc<DeviceTable>>,
-    auth_required: bool,
     internal_password: Arc<String>,
 }
 
@@ -58,9 +60,6 @@ impl Authenticator {
     fn check(&self, client_id: &str, username: &str, password: &str) -> bool {
         if username == INTERNAL_USER {
             return bool::from(self.internal_password.as_bytes().ct_eq(password.as_bytes()));
-        }
-        if !self.auth_required {
-            return true;
         }
         let table = self.devices.borrow().clone();
         let ok = table.device_for_token(password) == Some(username);
@@ -94,25 +93,11 @@ pub fn start(
     auth_required: bool,
 ) -> Result<EmbeddedBroker, MqttError> {
     let internal_password = crate::auth::new_token("opm_");
-    let auth = Authenticator {
+    let auth = auth_required.then(|| Authenticator {
         devices,
-        auth_required,
         internal_password: Arc::new(internal_password.clone()),
-    };
-
-    let mut connections = ConnectionSettings {
-        connection_timeout_ms: 10_000,
-        max_payload_size: cfg.max_packet_bytes,
-        // Packets read from one connection in one go.
-        max_inflight_count: usize::from(cfg.max_inflight).min(1000),
-        auth: None,
-        external_auth: None,
-        dynamic_filters: true,
-    };
-    connections.set_auth_handler(move |client_id: String, user: String, pass: String| {
-        let ok = auth.check(&client_id, &user, &pass);
-        async move { ok }
     });
+    let connections = connection_settings(cfg, auth);
     let server = ServerSettings {
         name: "outpost-embedded".into(),
         listen: cfg.listen,
@@ -172,6 +157,27 @@ pub fn start(
     })
 }
 
+/// rumqttd's connection settings; `auth = None` (lab mode) lets every client in, with or
+/// without a login.
+fn connection_settings(cfg: &MqttConfig, auth: Option<Authenticator>) -> ConnectionSettings {
+    let mut connections = ConnectionSettings {
+        connection_timeout_ms: 10_000,
+        max_payload_size: cfg.max_packet_bytes,
+        // Packets read from one connection in one go.
+        max_inflight_count: usize::from(cfg.max_inflight).min(1000),
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    if let Some(auth) = auth {
+        connections.set_auth_handler(move |client_id: String, user: String, pass: String| {
+            let ok = auth.check(&client_id, &user, &pass);
+            async move { ok }
+        });
+    }
+    connections
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,7 +191,6 @@ mod tests {
         let (_tx, rx) = watch::channel(Arc::new(table));
         let a = Authenticator {
             devices: rx.clone(),
-            auth_required: true,
             internal_password: Arc::new("secret".into()),
         };
         assert!(a.check("c", "door-1", &token));
@@ -193,11 +198,10 @@ mod tests {
         assert!(!a.check("c", "door-1", "opd_wrong"));
         assert!(a.check("c", INTERNAL_USER, "secret"));
         assert!(!a.check("c", INTERNAL_USER, "nope"));
-        let lab = Authenticator {
-            auth_required: false,
-            ..a
-        };
-        assert!(lab.check("c", "anyone", "anything"));
-        assert!(!lab.check("c", INTERNAL_USER, "nope"));
+        let cfg = MqttConfig::default();
+        assert!(connection_settings(&cfg, Some(a)).external_auth.is_some());
+        // Lab mode: no handler, so rumqttd lets in clients without any login too.
+        let lab = connection_settings(&cfg, None);
+        assert!(lab.external_auth.is_none() && lab.auth.is_none());
     }
 }

@@ -162,50 +162,109 @@ impl std::fmt::Display for BrokerUrl {
     }
 }
 
+/// Why a broker URL cannot be used. Each message quotes the URL and says what to write.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerUrlError {
+    /// Not `mqtt://`, `mqtts://`, `tcp://` or `ssl://`.
+    #[error("`{url}` is not a broker URL: write mqtt://host:1883 or mqtts://host:8883")]
+    Scheme {
+        /// The URL as given.
+        url: String,
+    },
+    /// A path, credentials, query or fragment.
+    #[error("`{url}`: only scheme, host and port are allowed (credentials go in mqtt.username and mqtt.password_file)")]
+    NotJustHostAndPort {
+        /// The URL as given.
+        url: String,
+    },
+    /// `[` without `]`.
+    #[error("`{url}`: unclosed [ in the host")]
+    UnclosedBracket {
+        /// The URL as given.
+        url: String,
+    },
+    /// Something after `]` that is not `:port`.
+    #[error("`{url}`: unexpected `{rest}` after the host")]
+    AfterHost {
+        /// The URL as given.
+        url: String,
+        /// What follows the host.
+        rest: String,
+    },
+    /// The port is not a number from 0 to 65535.
+    #[error("`{url}`: bad port `{port}`")]
+    BadPort {
+        /// The URL as given.
+        url: String,
+        /// The port text.
+        port: String,
+        /// Why it does not parse.
+        source: std::num::ParseIntError,
+    },
+    /// Port 0.
+    #[error("`{url}`: port 0 is not a broker port")]
+    PortZero {
+        /// The URL as given.
+        url: String,
+    },
+    /// No host.
+    #[error("`{url}`: the host is missing")]
+    NoHost {
+        /// The URL as given.
+        url: String,
+    },
+}
+
 impl BrokerUrl {
     /// Parses `mqtt://host[:port]` (default port 1883) or `mqtts://host[:port]` (8883).
     /// `tcp://` and `ssl://` are accepted as synonyms. IPv6 hosts go in brackets.
-    pub fn parse(s: &str) -> Result<BrokerUrl, String> {
+    pub fn parse(s: &str) -> Result<BrokerUrl, BrokerUrlError> {
+        let url = || s.to_string();
+        let port = |p: &str| {
+            p.parse::<u16>().map_err(|source| BrokerUrlError::BadPort {
+                url: url(),
+                port: p.to_string(),
+                source,
+            })
+        };
         let (tls, rest) = if let Some(r) = s.strip_prefix("mqtt://").or(s.strip_prefix("tcp://")) {
             (false, r)
         } else if let Some(r) = s.strip_prefix("mqtts://").or(s.strip_prefix("ssl://")) {
             (true, r)
         } else {
-            return Err(format!(
-                "`{s}` is not a broker URL: write mqtt://host:1883 or mqtts://host:8883"
-            ));
+            return Err(BrokerUrlError::Scheme { url: url() });
         };
         let rest = rest.strip_suffix('/').unwrap_or(rest);
         if rest.contains(['/', '@', '?', '#']) {
-            return Err(format!(
-                "`{s}`: only scheme, host and port are allowed (credentials go in mqtt.username and mqtt.password_file)"
-            ));
+            return Err(BrokerUrlError::NotJustHostAndPort { url: url() });
         }
         let default_port = if tls { 8883 } else { 1883 };
         let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
             let (h, after) = v6
                 .split_once(']')
-                .ok_or_else(|| format!("`{s}`: unclosed [ in the host"))?;
+                .ok_or_else(|| BrokerUrlError::UnclosedBracket { url: url() })?;
             let port = match after.strip_prefix(':') {
-                Some(p) => p.parse().map_err(|_| format!("`{s}`: bad port `{p}`"))?,
+                Some(p) => port(p)?,
                 None if after.is_empty() => default_port,
-                None => return Err(format!("`{s}`: unexpected `{after}` after the host")),
+                None => {
+                    return Err(BrokerUrlError::AfterHost {
+                        url: url(),
+                        rest: after.to_string(),
+                    })
+                }
             };
             (h.to_string(), port)
         } else {
             match rest.rsplit_once(':') {
-                Some((h, p)) => (
-                    h.to_string(),
-                    p.parse().map_err(|_| format!("`{s}`: bad port `{p}`"))?,
-                ),
+                Some((h, p)) => (h.to_string(), port(p)?),
                 None => (rest.to_string(), default_port),
             }
         };
         if host.is_empty() {
-            return Err(format!("`{s}`: the host is missing"));
+            return Err(BrokerUrlError::NoHost { url: url() });
         }
         if port == 0 {
-            return Err(format!("`{s}`: port 0 is not a broker port"));
+            return Err(BrokerUrlError::PortZero { url: url() });
         }
         Ok(BrokerUrl { host, port, tls })
     }
@@ -217,7 +276,7 @@ impl MqttConfig {
     pub fn validate(&self) -> Result<(), (String, String)> {
         let err = |k: &str, m: String| Err((k.to_string(), m));
         if let Some(url) = &self.url {
-            let u = BrokerUrl::parse(url).map_err(|m| ("url".to_string(), m))?;
+            let u = BrokerUrl::parse(url).map_err(|e| ("url".to_string(), e.to_string()))?;
             if self.ca_file.is_some() && !u.tls {
                 return err("ca_file", "is only used with an mqtts:// url".into());
             }
@@ -353,6 +412,11 @@ mod tests {
         ] {
             assert!(BrokerUrl::parse(bad).is_err(), "{bad}");
         }
+        // The port's parse error is kept as the source.
+        let e = BrokerUrl::parse("mqtt://h:x").unwrap_err();
+        assert!(matches!(e, BrokerUrlError::BadPort { .. }), "{e:?}");
+        assert!(std::error::Error::source(&e).is_some());
+        assert_eq!(e.to_string(), "`mqtt://h:x`: bad port `x`");
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! durably committed (the committer's fsync returned), found to be a duplicate, or
 //! definitively rejected. After the commit the gateway publishes the device-level ack
 //! (accepted / duplicate / rejected + code, by `device_seq`) to the device's ack topic, in
-//! the device's own encoding ([`payload`]). A device keeps each punch in its outbox
+//! the device's own encoding ([`crate::ingest::punch_body`]). A device keeps each punch in its outbox
 //! (`outpost_protocol::outbox`) and resends it until it sees that ack. Together: no punch a
 //! device saw acknowledged can be lost, whatever the broker does with its own queues, and a
 //! resent punch is stored once (the journal deduplicates by `(device_id, device_seq)`).
@@ -48,7 +48,6 @@
 pub mod broker;
 pub mod client;
 pub mod config;
-pub mod payload;
 pub mod pipeline;
 pub mod status;
 
@@ -288,15 +287,17 @@ pub async fn start(p: MqttParams, shutdown: CancellationToken) -> Result<MqttSer
         None => target.url.to_string(),
     };
     status.chose(kind, target.url.to_string(), reason.clone());
-    tracing::info!(broker = %broker_name, why = %reason, "MQTT ingest: using the {kind} broker");
-    if embedded.is_some() && !p.auth_required {
-        tracing::warn!(
-            "LAB MODE: the embedded MQTT broker accepts any login (auth.required = false)"
-        );
-    }
+    // In lab mode the daemon's one LAB MODE warning already says the embedded broker lets
+    // anyone in; this line only records it.
+    let logins = match (&embedded, p.auth_required) {
+        (Some(_), false) => "anyone, with or without a login (auth.required = false)",
+        (Some(_), true) => "device id and device token",
+        (None, _) => "the external broker's",
+    };
+    tracing::info!(broker = %broker_name, why = %reason, logins, "MQTT ingest: using the {kind} broker");
 
     let client_id = cfg.client_id_for(&p.gateway_id);
-    let (client, eventloop) = AsyncClient::new(
+    let (client, eventloop) = client::new_client(
         client::options(&target, &client_id, &cfg, false),
         client::REQUEST_CHANNEL,
     );

@@ -35,10 +35,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::client::{Incoming, Shared};
-use super::payload::{self, AckItem, Decoded, Rejection};
 use super::status::MqttStatus;
 use crate::clock::Clock;
 use crate::committer::CommitterHandle;
+use crate::ingest::punch_body::{self, Decoded, Encoding, Limit, PunchResult, Rejection};
 use crate::journal::{Outcome, Pending};
 use crate::metrics::{IngestLabels, Metrics};
 
@@ -108,7 +108,7 @@ impl Pipeline {
             let pending: Vec<Pending> = prepared
                 .iter()
                 .filter_map(|p| p.decoded.as_ref())
-                .flat_map(|d| d.items.iter().filter_map(|i| i.as_ref().ok()))
+                .flat_map(Decoded::valid)
                 .map(|punch: &Punch| Pending {
                     punch: *punch,
                     received,
@@ -140,7 +140,7 @@ impl Pipeline {
         };
         let decoded = device
             .as_deref()
-            .map(|d| payload::decode(&m.publish.payload, d, self.max_punches));
+            .map(|d| decode(&m.publish.payload, d, self.max_punches));
         Prepared {
             publish: m.publish,
             generation: m.generation,
@@ -179,35 +179,13 @@ impl Pipeline {
         };
         let whole_message_bad =
             !decoded.many && decoded.items.len() == 1 && decoded.items[0].is_err();
-        let mut unavailable = false;
-        let mut acks = Vec::with_capacity(decoded.items.len());
-        for item in decoded.items {
-            let ack = match item {
-                Ok(punch) => match outcomes
-                    .next()
-                    .unwrap_or(Outcome::Rejected(RejectCode::Internal))
-                {
-                    Outcome::Accepted { gateway_seq } => AckItem::Accepted {
-                        seq: punch.device_seq,
-                        gateway_seq,
-                    },
-                    Outcome::Duplicate => AckItem::Duplicate {
-                        seq: punch.device_seq,
-                    },
-                    Outcome::Rejected(code) => {
-                        unavailable |= code == RejectCode::Unavailable;
-                        AckItem::Rejected(Rejection {
-                            code,
-                            message: storage_message(code).into(),
-                            field: "",
-                            seq: Some(punch.device_seq),
-                        })
-                    }
-                },
-                Err(rej) => AckItem::Rejected(rej),
-            };
-            self.count(&ack);
-            acks.push(ack);
+        let acks = punch_body::results(decoded.items, outcomes);
+        // `unavailable` only comes from the committer shutting down.
+        let unavailable = acks
+            .iter()
+            .any(|a| matches!(a, PunchResult::Rejected(r) if r.code == RejectCode::Unavailable));
+        for ack in &acks {
+            self.count(ack);
         }
         if whole_message_bad {
             self.status.inc(|c| &c.malformed);
@@ -223,58 +201,45 @@ impl Pipeline {
         self.broker_ack(&p.publish, p.generation).await;
     }
 
-    fn count(&self, ack: &AckItem) {
-        let outcome = match ack {
-            AckItem::Accepted { .. } => {
-                self.status.inc(|c| &c.accepted);
-                "accepted"
-            }
-            AckItem::Duplicate { .. } => {
-                self.status.inc(|c| &c.duplicates);
-                "duplicate"
-            }
-            AckItem::Rejected(r) => {
+    fn count(&self, ack: &PunchResult) {
+        match ack {
+            PunchResult::Accepted { .. } => self.status.inc(|c| &c.accepted),
+            PunchResult::Duplicate { .. } => self.status.inc(|c| &c.duplicates),
+            PunchResult::Rejected(r) => {
                 self.status.inc(|c| &c.rejected);
                 self.metrics.reject(r.code.as_str());
-                "rejected"
             }
-        };
+        }
         self.metrics
             .ingest
             .get_or_create(&IngestLabels {
                 source: "mqtt",
-                outcome,
+                outcome: ack.label(),
             })
             .inc();
     }
 
-    async fn device_ack(
-        &self,
-        device: &str,
-        encoding: payload::Encoding,
-        many: bool,
-        acks: &[AckItem],
-    ) {
+    async fn device_ack(&self, device: &str, encoding: Encoding, many: bool, acks: &[PunchResult]) {
         let Ok(topic) = topic::ack_topic(&self.site, device) else {
             return;
         };
         // Leave room for the fixed header, topic and packet id.
         let room = self.max_packet_bytes.saturating_sub(topic.len() + 16);
-        let mut body = payload::encode_acks(encoding, many, acks);
+        let mut body = punch_body::encode_results(encoding, many, acks);
         if body.len() > room {
             // Long rejection messages are the only thing that can make an ack larger than
             // the message it answers: drop them, keep codes.
-            let short: Vec<AckItem> = acks
+            let short: Vec<PunchResult> = acks
                 .iter()
                 .map(|a| match a {
-                    AckItem::Rejected(r) => AckItem::Rejected(Rejection {
+                    PunchResult::Rejected(r) => PunchResult::Rejected(Rejection {
                         message: String::new(),
                         ..r.clone()
                     }),
                     other => other.clone(),
                 })
                 .collect();
-            body = payload::encode_acks(encoding, many, &short);
+            body = punch_body::encode_results(encoding, many, &short);
         }
         if body.len() > room {
             tracing::warn!(
@@ -309,10 +274,62 @@ impl Pipeline {
     }
 }
 
-fn storage_message(code: RejectCode) -> &'static str {
-    match code {
-        RejectCode::StorageFull => "the gateway's journal is full; keep the punch and retry later",
-        RejectCode::Unavailable => "the gateway is shutting down; retry shortly",
-        _ => "the gateway could not store the punch; retry later",
+/// Decodes a punch message published on the topic of `topic_device`. Never fails: a
+/// message that cannot be read at all is answered as one rejected punch.
+fn decode(payload: &[u8], topic_device: &str, max_punches: usize) -> Decoded {
+    let encoding = Encoding::sniff(payload);
+    let limit = Limit {
+        max_punches,
+        setting: "mqtt.max_punches_per_message",
+    };
+    let mut d = punch_body::decode(payload, encoding, limit)
+        .unwrap_or_else(|rej| Decoded::whole(encoding, rej));
+    d.reject_other_devices(topic_device, |p| {
+        format!(
+            "punch for device {} published on the topic of device {topic_device}; publish on outpost/v1/<site>/{}/punch",
+            p.device_id, p.device_id
+        )
+    });
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    #[test]
+    fn decode_checks_the_topic_device_and_answers_whole_message_problems() {
+        let d = decode(
+            br#"{"device_id":"d2","seq":3,"subject":"s","kind":"in","time":"2026-11-22T07:58:03+02:00"}"#,
+            "d1",
+            10,
+        );
+        let r = d.items[0].as_ref().unwrap_err();
+        assert_eq!((r.code, r.seq), (RejectCode::DeviceMismatch, Some(3)));
+        assert!(
+            r.message.contains("outpost/v1/<site>/d2/punch"),
+            "{}",
+            r.message
+        );
+
+        // Text that is not JSON is answered in JSON, as one rejected punch.
+        let d = decode(b"this is not a punch", "d1", 10);
+        assert_eq!((d.encoding, d.many), (Encoding::Json, false));
+        assert_eq!(d.items[0].as_ref().unwrap_err().code, RejectCode::Malformed);
+        let v: Value = serde_json::from_slice(&punch_body::encode_results(
+            d.encoding,
+            d.many,
+            &punch_body::results(d.items, &mut std::iter::empty()),
+        ))
+        .unwrap();
+        assert_eq!(v["status"], "rejected");
+        assert_eq!(v["seq"], Value::Null);
+
+        let d = decode(b"[{},{},{}]", "d1", 2);
+        let r = d.items[0].as_ref().unwrap_err();
+        assert_eq!(r.code, RejectCode::TooLarge);
+        assert!(r.message.contains("mqtt.max_punches_per_message"));
+        assert!(decode(b"", "d1", 10).items[0].is_err());
     }
 }
