@@ -281,16 +281,7 @@ impl Default for LimitsSection {
     }
 }
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Pretty,
-    /// One JSON object per line.
-    Json,
-}
+pub use outpost_ops::logging::LogFormat;
 
 /// `[log]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -302,10 +293,13 @@ pub struct LogSection {
     pub format: LogFormat,
 }
 
+/// The relay's default log filter (also used when `log.level` does not parse).
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+
 impl Default for LogSection {
     fn default() -> Self {
         LogSection {
-            level: "info".into(),
+            level: DEFAULT_LOG_LEVEL.into(),
             format: LogFormat::Pretty,
         }
     }

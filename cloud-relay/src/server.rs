@@ -305,7 +305,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let signals = tokio::spawn({
         let cancel = cancel.clone();
         async move {
-            wait_for_signal().await;
+            outpost_ops::signal::wait_for_signal().await;
             tracing::info!("shutting down: no new connections, finishing in-flight batches");
             cancel.cancel();
         }
@@ -333,22 +333,4 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     store.close().await.context("close the store")?;
     tracing::info!("stopped");
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

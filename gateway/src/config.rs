@@ -158,15 +158,7 @@ impl Default for LogSection {
 /// ERROR lines on ordinary disconnects, so it is silenced unless asked for.
 pub const DEFAULT_LOG_LEVEL: &str = "info,rumqttd=off";
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Pretty,
-    /// One JSON object per line.
-    Json,
-}
+pub use outpost_ops::logging::LogFormat;
 
 impl Config {
     /// Loads `path` (or only the embedded defaults when `None`), applies `OUTPOST_*`

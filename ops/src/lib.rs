@@ -13,6 +13,9 @@
 //! - [`token`]: random bearer tokens, their SHA-256 (only hashes are stored), and the admin
 //!   token file that is created at first start.
 //! - [`duration`]: durations in config files (`"250ms"`, `"45s"`, `"30m"`, `"12h"`, `"7d"`).
+//! - [`logging`]: the `tracing` subscriber, plain text when stderr is not a terminal and
+//!   without timestamps under journald.
+//! - [`signal`]: waiting for SIGTERM or SIGINT.
 //!
 //! Nothing protocol-related belongs here: the wire format is `outpost-protocol`, which
 //! device firmware builds without `std`, and which does not depend on this crate.
@@ -21,4 +24,6 @@ pub mod config;
 pub mod duration;
 pub mod env;
 pub mod file;
+pub mod logging;
+pub mod signal;
 pub mod token;
