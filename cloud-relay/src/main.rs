@@ -131,7 +131,7 @@ fn check_config(cfg: &Config) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let cfg = match Config::load_from_env(cli.config.as_deref()) {
+    let cfg = match outpost_ops::config::load_from_env::<Config>(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("outpost-relay: invalid configuration: {e}");

@@ -90,7 +90,7 @@ fn main() -> ExitCode {
         let packaged = PathBuf::from(PACKAGED_CONFIG);
         packaged.exists().then_some(packaged)
     });
-    let cfg = match Config::load_from_env(config.as_deref()) {
+    let cfg = match outpost_ops::config::load_from_env::<Config>(config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("outpost-gateway: invalid configuration: {e}");

@@ -267,7 +267,7 @@ mod tests {
         let junk = dir.path().join("junk.pem");
         std::fs::write(&junk, "not PEM").unwrap();
         let load = |pairs: &[(&str, &Path)]| {
-            crate::config::Config::load(
+            outpost_ops::config::load_validated::<crate::config::Config>(
                 None,
                 pairs
                     .iter()
