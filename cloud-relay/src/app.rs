@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Query, State};
@@ -80,13 +80,6 @@ impl AppState {
             tracker: TaskTracker::new(),
         })
     }
-}
-
-/// The relay's clock, Unix ms.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// The router with every route.

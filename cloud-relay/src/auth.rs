@@ -42,7 +42,9 @@ pub mod readers;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
+
+use outpost_ops::time::now_ms;
 
 use outpost_ops::file::{FileError, FileWatch};
 /// SHA-256 of a token.
@@ -365,12 +367,6 @@ const TOKEN_BYTES: usize = 32;
 /// A new random token: `prefix` and [`TOKEN_BYTES`] random bytes in hex.
 pub fn new_token(prefix: &str) -> String {
     outpost_ops::token::new_token(prefix, TOKEN_BYTES)
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Writes `text` to `path` atomically ([`outpost_ops::file::write_atomic`]: temp file in

@@ -42,7 +42,9 @@ use http_body_util::BodyExt;
 use outpost_protocol::frame::{self, FrameError};
 use outpost_protocol::Ack;
 
-use crate::app::{now_ms, AppState};
+use outpost_ops::time::now_ms;
+
+use crate::app::AppState;
 use crate::auth::{bearer, GatewayCred};
 use crate::server::ClientCert;
 use crate::store::StoreError;

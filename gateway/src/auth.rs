@@ -20,7 +20,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
+
+use outpost_ops::time::now_ms;
 
 use outpost_ops::file::{write_atomic, FileWatch};
 use outpost_ops::token::token_hash_hex;
@@ -216,13 +218,6 @@ pub fn revoke_device(path: &Path, device_id: &str) -> Result<(), AuthError> {
     }
     table.by_hash.retain(|_, id| id != device_id);
     write_devices_file(path, &table)
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Loads the devices file and spawns a task that reloads it when it changes (polling its

@@ -16,6 +16,7 @@
 //! - [`logging`]: the `tracing` subscriber, plain text when stderr is not a terminal and
 //!   without timestamps under journald.
 //! - [`signal`]: waiting for SIGTERM or SIGINT.
+//! - [`time`]: the wall clock as Unix milliseconds.
 //!
 //! Nothing protocol-related belongs here: the wire format is `outpost-protocol`, which
 //! device firmware builds without `std`, and which does not depend on this crate.
@@ -26,4 +27,5 @@ pub mod env;
 pub mod file;
 pub mod logging;
 pub mod signal;
+pub mod time;
 pub mod token;

@@ -13,10 +13,11 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use outpost_ops::time::now_ms;
 use subtle::ConstantTimeEq;
 
 use super::{
-    check_id, digest_field, new_token, now_ms, parse_lines, parse_ms, read_optional, token_hash,
+    check_id, digest_field, new_token, parse_lines, parse_ms, read_optional, token_hash,
     write_atomic, AuthError, Live, DIGEST_HEX,
 };
 
