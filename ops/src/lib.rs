@@ -4,6 +4,7 @@
 //! Both daemons are run the same way, so the code that makes them so lives here once
 //! instead of in two copies that drift apart:
 //!
+//! - [`backoff`]: exponential backoff with jitter between connection attempts.
 //! - [`config`]: load a TOML file, apply `OUTPOST_<SECTION>__<KEY>` environment overrides
 //!   ([`env`](mod@env)) and deserialise it into the daemon's typed config, with errors that
 //!   name the key to change.
@@ -21,6 +22,7 @@
 //! Nothing protocol-related belongs here: the wire format is `outpost-protocol`, which
 //! device firmware builds without `std`, and which does not depend on this crate.
 
+pub mod backoff;
 pub mod config;
 pub mod duration;
 pub mod env;

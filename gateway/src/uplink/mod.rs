@@ -43,7 +43,6 @@
 //! ack get corrected too.
 
 pub mod anchors;
-pub mod backoff;
 pub mod batcher;
 pub mod config;
 pub mod https;
@@ -72,8 +71,8 @@ use crate::clock::{wall_error_ms, Clock, RelayTime};
 use crate::journal::{Journal, JournalStats};
 use crate::metrics::{Metrics, UplinkErrorLabels, UplinkStateLabels};
 use anchors::Anchors;
-use backoff::Backoff;
 use batcher::{BatchError, BatchHeader, Prepared};
+use outpost_ops::backoff::Backoff;
 
 /// How often an idle session looks for newly durable records.
 pub const POLL: Duration = Duration::from_millis(20);

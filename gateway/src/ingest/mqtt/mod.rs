@@ -57,6 +57,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use outpost_ops::backoff::Backoff;
 use rumqttc::{AsyncClient, ConnectReturnCode};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -69,7 +70,7 @@ use crate::auth::DeviceTable;
 use crate::clock::Clock;
 use crate::committer::CommitterHandle;
 use crate::metrics::Metrics;
-use client::{Backoff, FirstOutcome, Poller, Probe, Shared, Target};
+use client::{FirstOutcome, Poller, Probe, Shared, Target};
 
 /// Why MQTT ingest could not start. Each message names the config key to change.
 #[derive(Debug, thiserror::Error)]
@@ -313,7 +314,10 @@ pub async fn start(p: MqttParams, shutdown: CancellationToken) -> Result<MqttSer
         status: status.clone(),
         connacks: connack_tx,
         first: Some(first_tx),
-        backoff: Backoff::new(cfg.reconnect_min_ms, cfg.reconnect_max_ms),
+        backoff: Backoff::new(
+            Duration::from_millis(cfg.reconnect_min_ms),
+            Duration::from_millis(cfg.reconnect_max_ms),
+        ),
         stop: poll_stop.clone(),
         broker: broker_name.clone(),
         clock: p.clock.clone(),
