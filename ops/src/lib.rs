@@ -17,6 +17,7 @@
 //! - [`logging`]: the `tracing` subscriber, plain text when stderr is not a terminal and
 //!   without timestamps under journald.
 //! - [`signal`]: waiting for SIGTERM or SIGINT.
+//! - [`sled`](mod@sled): opening sled while a just-closed handle still holds its lock.
 //! - [`time`]: the wall clock as Unix milliseconds.
 //!
 //! Nothing protocol-related belongs here: the wire format is `outpost-protocol`, which
@@ -29,5 +30,6 @@ pub mod env;
 pub mod file;
 pub mod logging;
 pub mod signal;
+pub mod sled;
 pub mod time;
 pub mod token;
