@@ -154,19 +154,17 @@ pub fn cert_fingerprint(der: &[u8]) -> [u8; 32] {
 
 /// The fingerprint of the first certificate in a PEM file (for `gateway add --cert`).
 pub fn cert_file_fingerprint(path: &Path) -> Result<[u8; 32], AuthError> {
-    let pem = std::fs::read(path).map_err(io_err(path))?;
-    let first = rustls_pemfile::certs(&mut pem.as_slice()).next();
-    match first {
-        Some(Ok(der)) => Ok(cert_fingerprint(der.as_ref())),
-        Some(Err(e)) => Err(AuthError::Malformed {
+    use outpost_ops::pem::{load_first_cert, PemError};
+    match load_first_cert(path) {
+        Ok(der) => Ok(cert_fingerprint(der.as_ref())),
+        Err(PemError::Read { source, .. }) => Err(io_err(path)(source)),
+        Err(e) => Err(AuthError::Malformed {
             path: path.to_path_buf(),
             line: 1,
-            message: format!("not a PEM certificate: {e}"),
-        }),
-        None => Err(AuthError::Malformed {
-            path: path.to_path_buf(),
-            line: 1,
-            message: "holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into(),
+            message: match e {
+                PemError::Syntax { source, .. } => format!("not a PEM certificate: {source}"),
+                _ => "holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into(),
+            },
         }),
     }
 }

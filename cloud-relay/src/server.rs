@@ -43,21 +43,8 @@ pub fn tls_acceptor(
     key_file: &Path,
     client_ca: Option<&Path>,
 ) -> anyhow::Result<TlsAcceptor> {
-    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
-        std::fs::File::open(cert_file)
-            .with_context(|| format!("tls.cert_file {}", cert_file.display()))?,
-    ))
-    .collect::<Result<Vec<_>, _>>()
-    .with_context(|| format!("tls.cert_file {} is not PEM", cert_file.display()))?;
-    if certs.is_empty() {
-        anyhow::bail!("tls.cert_file {} holds no certificate", cert_file.display());
-    }
-    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
-        std::fs::File::open(key_file)
-            .with_context(|| format!("tls.key_file {}", key_file.display()))?,
-    ))
-    .with_context(|| format!("tls.key_file {} is not PEM", key_file.display()))?
-    .with_context(|| format!("tls.key_file {} holds no private key", key_file.display()))?;
+    let certs = outpost_ops::pem::load_certs(cert_file).context("tls.cert_file")?;
+    let key = outpost_ops::pem::load_private_key(key_file).context("tls.key_file")?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -78,27 +65,8 @@ fn client_verifier(
     path: &Path,
     provider: Arc<rustls::crypto::CryptoProvider>,
 ) -> anyhow::Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
-    let cas = rustls_pemfile::certs(&mut std::io::BufReader::new(
-        std::fs::File::open(path)
-            .with_context(|| format!("tls.client_ca_file {}", path.display()))?,
-    ))
-    .collect::<Result<Vec<_>, _>>()
-    .with_context(|| format!("tls.client_ca_file {} is not PEM", path.display()))?;
-    if cas.is_empty() {
-        anyhow::bail!(
-            "tls.client_ca_file {} holds no certificate; put the CA that issues gateway certificates there",
-            path.display()
-        );
-    }
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in cas {
-        roots.add(ca).with_context(|| {
-            format!(
-                "tls.client_ca_file {} holds an unusable CA certificate",
-                path.display()
-            )
-        })?;
-    }
+    let roots = outpost_ops::pem::load_roots(path)
+        .context("tls.client_ca_file (the CA that issues gateway certificates, PEM)")?;
     rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
         .allow_unauthenticated()
         .build()

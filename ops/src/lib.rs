@@ -16,6 +16,7 @@
 //! - [`duration`]: durations in config files (`"250ms"`, `"45s"`, `"30m"`, `"12h"`, `"7d"`).
 //! - [`logging`]: the `tracing` subscriber, plain text when stderr is not a terminal and
 //!   without timestamps under journald.
+//! - [`pem`]: certificate chains, private keys and CA files, with errors naming the file.
 //! - [`signal`]: waiting for SIGTERM or SIGINT.
 //! - [`sled`](mod@sled): opening sled while a just-closed handle still holds its lock.
 //! - [`time`]: the wall clock as Unix milliseconds.
@@ -29,6 +30,7 @@ pub mod duration;
 pub mod env;
 pub mod file;
 pub mod logging;
+pub mod pem;
 pub mod signal;
 pub mod sled;
 pub mod time;

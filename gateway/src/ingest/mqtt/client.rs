@@ -25,7 +25,6 @@
 //! may belong to a different message on the new connection) — the broker redelivers the
 //! message on the persistent session and it is answered as a duplicate.
 
-use std::io::BufReader;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -108,27 +107,16 @@ fn read_password(path: &Path) -> Result<String, MqttError> {
     Ok(pw)
 }
 
-/// A rustls client configuration with the ring provider, trusting `ca_file` (PEM) or, when
-/// unset, the public web roots.
+/// A rustls client configuration with the ring provider, trusting `ca_file` (PEM, every
+/// certificate in it: [`outpost_ops::pem::load_roots`]) or, when unset, the public web
+/// roots.
 pub fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, MqttError> {
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            let bad = |message: String| MqttError::CaFile {
-                path: path.to_path_buf(),
-                message,
-            };
-            let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
-            let certs = rustls_pemfile::certs(&mut BufReader::new(file))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| bad(format!("not a PEM file: {e}")))?;
-            let (added, _ignored) = roots.add_parsable_certificates(certs);
-            if added == 0 {
-                return Err(bad("holds no usable CA certificate".into()));
-            }
-        }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
+    let roots = match ca_file {
+        Some(path) => outpost_ops::pem::load_roots(path).map_err(MqttError::CaFile)?,
+        None => rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        },
+    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -107,14 +107,9 @@ pub enum MqttError {
         /// Why.
         message: String,
     },
-    /// The CA file cannot be used.
-    #[error("cannot use {path} as the MQTT broker's CA (mqtt.ca_file): {message}")]
-    CaFile {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        message: String,
-    },
+    /// The CA file cannot be used (the error names the file).
+    #[error("cannot use the MQTT broker's CA (mqtt.ca_file): {0}")]
+    CaFile(#[source] outpost_ops::pem::PemError),
     /// The TLS configuration could not be built.
     #[error("MQTT TLS setup failed: {0}")]
     Tls(String),
