@@ -30,7 +30,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::readers::ReaderCreds;
-use crate::auth::{bearer, AdminToken, GatewayCreds};
+use outpost_ops::bearer::bearer;
+use outpost_ops::token::AdminToken;
+
+use crate::auth::GatewayCreds;
 use crate::config::LimitsSection;
 use crate::intake::{self, error_response};
 use crate::metrics::Metrics;
@@ -110,7 +113,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// The query API's gate: the admin token or any read token (`auth::readers`).
 fn require_reader(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
     match bearer(headers.get(header::AUTHORIZATION)) {
-        Some(t) if state.admin.check(t) || state.readers.current().authenticate(t).is_some() => {
+        Some(t) if state.admin.matches(t) || state.readers.current().authenticate(t).is_some() => {
             Ok(())
         }
         _ => {

@@ -42,10 +42,11 @@ use http_body_util::BodyExt;
 use outpost_protocol::frame::{self, FrameError};
 use outpost_protocol::Ack;
 
+use outpost_ops::bearer::bearer;
 use outpost_ops::time::now_ms;
 
 use crate::app::AppState;
-use crate::auth::{bearer, GatewayCred};
+use crate::auth::GatewayCred;
 use crate::server::ClientCert;
 use crate::store::StoreError;
 

@@ -23,7 +23,9 @@ use tower::ServiceExt;
 
 use crate::app::{self, AppState};
 use crate::auth::readers::{ReaderCreds, Readers};
-use crate::auth::{self, AdminToken, GatewayCreds, Gateways};
+use outpost_ops::token::AdminToken;
+
+use crate::auth::{self, GatewayCreds, Gateways};
 use crate::config::{Config, StoreKind};
 use crate::store::postgres::PgStore;
 use crate::store::sled::SledStore;
@@ -224,8 +226,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             cfg.relay.data_dir.display()
         )
     })?;
-    let admin =
+    let (admin, created) =
         AdminToken::load_or_create(&cfg.admin_token_file()).context("auth.admin_token_file")?;
+    if created {
+        tracing::info!(file = %cfg.admin_token_file().display(), "created a new admin token (auth.admin_token_file)");
+    }
     let gw_file = cfg.gateways_file();
     let gateways = Gateways::load(&gw_file).context("auth.gateways_file")?;
     if gateways.is_empty() {

@@ -10,10 +10,11 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use outpost_gateway::admin_client::{self, ClientError};
-use outpost_gateway::auth::{self, AdminToken};
+use outpost_gateway::auth;
 use outpost_gateway::config::Config;
 use outpost_gateway::export::{self, Format, Since};
 use outpost_gateway::journal::{Journal, JournalError};
+use outpost_ops::token::AdminToken;
 use tokio_util::sync::CancellationToken;
 
 /// Collects clock-in punches from local devices, keeps them safe on disk, and forwards them
