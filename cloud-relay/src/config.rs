@@ -406,7 +406,7 @@ impl Validate for Config {
                 "must be longer than limits.ws_ping_interval_secs, or live clients are dropped between pings",
             ));
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+        outpost_ops::logging::check_filter(&self.log.level)
             .map_err(|e| ConfigError::key("log.level", e.to_string()))?;
         Ok(())
     }

@@ -195,7 +195,7 @@ impl Validate for Config {
                 "must be at least 1",
             ));
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+        outpost_ops::logging::check_filter(&self.log.level)
             .map_err(|e| ConfigError::key("log.level", e.to_string()))?;
         self.journal
             .validate()

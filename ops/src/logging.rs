@@ -10,12 +10,13 @@
 //!   line itself, and two timestamps per line only waste width. JSON lines keep theirs: a
 //!   JSON record is shipped on as a whole, and its consumers expect the field.
 //!
-//! The filter is `RUST_LOG` when it is set and valid, else the configured `log.level`, else
-//! (when that does not parse) the binary's own default filter, with a warning naming the
-//! bad value. The two daemons' earlier copies differed here (the gateway dropped the
-//! invalid directives of `log.level` silently, the relay fell back to `info`); falling
-//! back to the binary's default, loudly, keeps its noise settings (the gateway silences
-//! its embedded MQTT broker) and still tells the operator.
+//! The filter is `RUST_LOG` when it is set and valid, else the configured `log.level`.
+//! Both daemons refuse a `log.level` that does not parse when they validate their config
+//! ([`check_filter`]), so the last resort, the binary's own default filter with a warning,
+//! only guards a caller that skipped validation. The daemons' earlier copies differed on
+//! that last resort (the gateway dropped the invalid directives silently, the relay fell
+//! back to `info`); the binary's default keeps its noise settings (the gateway silences
+//! its embedded MQTT broker).
 
 use std::io::IsTerminal;
 
@@ -68,6 +69,11 @@ impl Style {
             std::env::var_os("JOURNAL_STREAM").is_some_and(|v| !v.is_empty()),
         )
     }
+}
+
+/// Checks that `level` is a valid tracing filter (for config validation of `log.level`).
+pub fn check_filter(level: &str) -> Result<(), tracing_subscriber::filter::ParseError> {
+    EnvFilter::try_new(level).map(|_| ())
 }
 
 /// Which filter applies: `RUST_LOG` (`rust_log`, when set and valid), else `level`, else
@@ -181,6 +187,8 @@ mod tests {
         assert_eq!(f.to_string(), "rumqttd=off,info");
         let w = w.expect("a warning for the bad level");
         assert!(w.contains("log.level") && w.contains("=[bad"), "{w}");
+        assert!(check_filter("info,rumqttd=off").is_ok());
+        assert!(check_filter("=[bad").is_err());
     }
 
     #[test]
