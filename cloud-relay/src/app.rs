@@ -27,7 +27,8 @@ use axum::{Json, Router};
 use outpost_protocol::json::{format_time, parse_time};
 use serde_json::{json, Value};
 
-use crate::auth::bearer;
+use outpost_ops::bearer::bearer;
+
 use crate::error::error_response;
 use crate::intake;
 use crate::state::AppState;
@@ -61,7 +62,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// The query API's gate: the admin token or any read token (`auth::readers`).
 fn require_reader(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
     match bearer(headers.get(header::AUTHORIZATION)) {
-        Some(t) if state.admin.check(t) || state.readers.current().authenticate(t).is_some() => {
+        Some(t) if state.admin.matches(t) || state.readers.current().authenticate(t).is_some() => {
             Ok(())
         }
         _ => {

@@ -47,6 +47,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use outpost_ops::time::now_ms;
+
 use outpost_ops::file::{FileError, FileWatch};
 /// SHA-256 of a token.
 pub use outpost_ops::token::token_hash;
@@ -54,8 +56,6 @@ use outpost_protocol::Id;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
-
-use crate::clock::now_ms;
 
 /// A credentials file problem.
 #[derive(Debug, thiserror::Error)]
@@ -157,19 +157,17 @@ pub fn cert_fingerprint(der: &[u8]) -> [u8; 32] {
 
 /// The fingerprint of the first certificate in a PEM file (for `gateway add --cert`).
 pub fn cert_file_fingerprint(path: &Path) -> Result<[u8; 32], AuthError> {
-    let pem = std::fs::read(path).map_err(io_err(path))?;
-    let first = rustls_pemfile::certs(&mut pem.as_slice()).next();
-    match first {
-        Some(Ok(der)) => Ok(cert_fingerprint(der.as_ref())),
-        Some(Err(e)) => Err(AuthError::Malformed {
+    use outpost_ops::pem::{load_first_cert, PemError};
+    match load_first_cert(path) {
+        Ok(der) => Ok(cert_fingerprint(der.as_ref())),
+        Err(PemError::Read { source, .. }) => Err(io_err(path)(source)),
+        Err(e) => Err(AuthError::Malformed {
             path: path.to_path_buf(),
             line: 1,
-            message: format!("not a PEM certificate: {e}"),
-        }),
-        None => Err(AuthError::Malformed {
-            path: path.to_path_buf(),
-            line: 1,
-            message: "holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into(),
+            message: match e {
+                PemError::Syntax { source, .. } => format!("not a PEM certificate: {source}"),
+                _ => "holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into(),
+            },
         }),
     }
 }
@@ -474,10 +472,10 @@ impl<T> Live<T> {
 /// The live set of gateway credentials, shared by request handlers.
 pub type GatewayCreds = Live<Gateways>;
 
-/// Re-reads a credentials file with `load` whenever its metadata changes ([`FileWatch`]),
-/// until `cancel`.
-/// A file that fails to parse is logged and ignored (the previous set stays in force).
-/// `what` names the file's config key in the log.
+/// Re-reads a credentials file with `load` whenever it changes, until `cancel`, and puts
+/// the new set in `live` ([`outpost_ops::reload::watch_file`]: a file that fails to parse
+/// is logged and the previous set stays in force). `what` names the file's config key in
+/// the log.
 pub async fn watch<T: Send + Sync + 'static>(
     path: PathBuf,
     live: Live<T>,
@@ -486,66 +484,8 @@ pub async fn watch<T: Send + Sync + 'static>(
     every: Duration,
     cancel: CancellationToken,
 ) {
-    let mut stamp = FileWatch::new(&path);
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        if !stamp.changed() {
-            continue;
-        }
-        let p = path.clone();
-        match tokio::task::spawn_blocking(move || load(&p)).await {
-            Ok(Ok(v)) => {
-                tracing::info!(file = %path.display(), key = what, "credentials reloaded");
-                live.replace(v);
-            }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, key = what, "credentials file is invalid; keeping the previous set (fix the file, or re-run the `outpost-relay` command that manages it)")
-            }
-            Err(e) => tracing::error!(error = %e, key = what, "reloading credentials failed"),
-        }
-    }
-}
-
-/// The admin token: its hash, for constant-time comparison.
-#[derive(Clone)]
-pub struct AdminToken([u8; 32]);
-
-impl AdminToken {
-    /// Reads the token from `path`, creating the file with a new random token (mode 0600)
-    /// if it does not exist.
-    pub fn load_or_create(path: &Path) -> Result<AdminToken, AuthError> {
-        let (t, created) = outpost_ops::token::load_or_create(path, "opa_", TOKEN_BYTES)?;
-        if created {
-            tracing::info!(file = %path.display(), "created a new admin token (auth.admin_token_file)");
-        } else if t.len() < 16 {
-            return Err(AuthError::Malformed {
-                path: path.to_path_buf(),
-                line: 1,
-                message: "the admin token must be at least 16 characters".into(),
-            });
-        }
-        Ok(AdminToken(token_hash(&t)))
-    }
-
-    /// Whether `token` is the admin token (constant time).
-    pub fn check(&self, token: &str) -> bool {
-        self.0.ct_eq(&token_hash(token)).into()
-    }
-}
-
-/// The token of an `Authorization: Bearer <token>` header value.
-pub fn bearer(value: Option<&axum::http::HeaderValue>) -> Option<&str> {
-    let v = value?.to_str().ok()?;
-    let (scheme, token) = v.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
+    let seen = FileWatch::new(&path);
+    outpost_ops::reload::watch_file(seen, load, what, every, cancel, |v| live.replace(v)).await
 }
 
 #[cfg(test)]
@@ -655,31 +595,5 @@ mod tests {
         assert!(e.to_string().contains("neither"), "{e}");
         let e = Gateways::parse(p, &format!("a\tHC\t-\t1\t{h}\nb\tHC\t-\t1\t{h}\n")).unwrap_err();
         assert!(e.to_string().contains("shares its certificate"), "{e}");
-    }
-
-    #[test]
-    fn admin_token_is_created_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("admin.token");
-        let a = AdminToken::load_or_create(&path).unwrap();
-        let text = std::fs::read_to_string(&path).unwrap();
-        assert!(a.check(text.trim()));
-        assert!(!a.check("wrong"));
-        let b = AdminToken::load_or_create(&path).unwrap();
-        assert!(b.check(text.trim()));
-        use std::os::unix::fs::PermissionsExt;
-        assert_eq!(
-            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
-    }
-
-    #[test]
-    fn bearer_parsing() {
-        let v = axum::http::HeaderValue::from_static("Bearer abc");
-        assert_eq!(bearer(Some(&v)), Some("abc"));
-        let v = axum::http::HeaderValue::from_static("Basic abc");
-        assert_eq!(bearer(Some(&v)), None);
-        assert_eq!(bearer(None), None);
     }
 }

@@ -11,8 +11,9 @@
 //! every key.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+use outpost_ops::config::Validate;
 use serde::Deserialize;
 
 /// Why the configuration could not be loaded (shared with the gateway: the same file and
@@ -281,16 +282,7 @@ impl Default for LimitsSection {
     }
 }
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Pretty,
-    /// One JSON object per line.
-    Json,
-}
+pub use outpost_ops::logging::LogFormat;
 
 /// `[log]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -302,34 +294,21 @@ pub struct LogSection {
     pub format: LogFormat,
 }
 
+/// The relay's default log filter (also used when `log.level` does not parse).
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+
 impl Default for LogSection {
     fn default() -> Self {
         LogSection {
-            level: "info".into(),
+            level: DEFAULT_LOG_LEVEL.into(),
             format: LogFormat::Pretty,
         }
     }
 }
 
-impl Config {
-    /// Loads `path` (or only the embedded defaults when `None`), applies `OUTPOST_*`
-    /// environment overrides from `env`, and validates the result.
-    pub fn load(
-        path: Option<&Path>,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Config, ConfigError> {
-        let cfg: Config = outpost_ops::config::load(path, env)?;
-        cfg.validate()?;
-        Ok(cfg)
-    }
-
-    /// Loads using the process environment.
-    pub fn load_from_env(path: Option<&Path>) -> Result<Config, ConfigError> {
-        Config::load(path, std::env::vars())
-    }
-
+impl Validate for Config {
     /// Checks values that types alone cannot.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self) -> Result<(), ConfigError> {
         if self.relay.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::key("relay.data_dir", "must not be empty"));
         }
@@ -427,11 +406,13 @@ impl Config {
                 "must be longer than limits.ws_ping_interval_secs, or live clients are dropped between pings",
             ));
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+        outpost_ops::logging::check_filter(&self.log.level)
             .map_err(|e| ConfigError::key("log.level", e.to_string()))?;
         Ok(())
     }
+}
 
+impl Config {
     /// The gateways credentials file.
     pub fn gateways_file(&self) -> PathBuf {
         self.auth
@@ -495,6 +476,8 @@ fn check_pg_url(key: &str, url: &str) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use outpost_ops::config::load_validated;
+    use std::path::Path;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
@@ -507,9 +490,9 @@ mod tests {
 
     #[test]
     fn defaults_need_tls_or_tls_disabled() {
-        let e = Config::load(None, env(&[])).unwrap_err();
+        let e = load_validated::<Config>(None, env(&[])).unwrap_err();
         assert!(e.to_string().contains("tls.cert_file"), "{e}");
-        let c = Config::load(None, env(DEV)).unwrap();
+        let c = load_validated::<Config>(None, env(DEV)).unwrap();
         assert_eq!(c.relay.listen.to_string(), "0.0.0.0:7000");
         assert_eq!(c.store.kind, StoreKind::Sled);
         assert_eq!(c.admin_token_file(), c.relay.data_dir.join("admin.token"));
@@ -517,7 +500,7 @@ mod tests {
 
     #[test]
     fn env_overrides_apply_and_are_typed() {
-        let c = Config::load(
+        let c = load_validated::<Config>(
             None,
             env(&[
                 ("OUTPOST_TLS__DISABLED", "true"),
@@ -545,7 +528,9 @@ mod tests {
         let with = |extra: &[(&str, &str)]| {
             let mut all = DEV.to_vec();
             all.extend_from_slice(extra);
-            Config::load(None, env(&all)).unwrap_err().to_string()
+            load_validated::<Config>(None, env(&all))
+                .unwrap_err()
+                .to_string()
         };
         assert!(with(&[("OUTPOST_RELAY__LISTEN", "nowhere")]).contains("relay.listen"));
         assert!(with(&[("OUTPOST_RELAY__LISTN", "1")]).contains("listn"));
@@ -569,7 +554,7 @@ mod tests {
             ("OUTPOST_STORE__URL", "postgres://u@db.example:5432/outpost"),
         ]);
         all.extend_from_slice(extra);
-        Config::load(None, env(&all))
+        load_validated::<Config>(None, env(&all))
     }
 
     #[test]
@@ -602,7 +587,7 @@ mod tests {
             "[tls]\ndisabled = true\n[store]\nkind = \"postgres\"\nurl = \"postgres://u@db/x\"\ntls = \"verify-full\"\nca_file = \"/ca.pem\"\n",
         )
         .unwrap();
-        let c = Config::load(Some(&file), env(&[])).unwrap();
+        let c = load_validated::<Config>(Some(&file), env(&[])).unwrap();
         assert_eq!(c.store.tls, Some(PgTlsMode::VerifyFull));
         assert_eq!(c.store.ca_file.as_deref(), Some(Path::new("/ca.pem")));
     }
@@ -696,9 +681,9 @@ mod tests {
     #[test]
     fn example_configs_are_valid() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
-        let dev = Config::load(Some(&dir.join("relay.dev.toml")), env(&[])).unwrap();
+        let dev = load_validated::<Config>(Some(&dir.join("relay.dev.toml")), env(&[])).unwrap();
         assert!(dev.tls.disabled);
-        let prod = Config::load(Some(&dir.join("relay.toml")), env(&[])).unwrap();
+        let prod = load_validated::<Config>(Some(&dir.join("relay.toml")), env(&[])).unwrap();
         assert!(!prod.tls.disabled);
     }
 }

@@ -42,8 +42,10 @@ use http_body_util::BodyExt;
 use outpost_protocol::frame::{self, FrameError};
 use outpost_protocol::Ack;
 
-use crate::auth::{bearer, ClientCert, GatewayCred};
-use crate::clock::now_ms;
+use outpost_ops::bearer::bearer;
+use outpost_ops::time::now_ms;
+
+use crate::auth::{ClientCert, GatewayCred};
 use crate::error::error_response;
 use crate::state::AppState;
 use crate::store::StoreError;

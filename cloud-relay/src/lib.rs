@@ -6,18 +6,17 @@
 //! - [`store`]: the storage trait and its sled and PostgreSQL implementations.
 //! - [`intake`]: `POST /v1/batches` and the `/v1/uplink` WebSocket.
 //! - [`app`]: routes, query API, health, metrics; [`metrics`]: the Prometheus metrics.
-//! - [`state`]: what the handlers share; [`error`]: the JSON error body; [`clock`]: the
-//!   wall clock.
+//! - [`state`]: what the handlers share; [`error`]: the JSON error body.
 //! - [`server`]: TLS, connections, graceful shutdown, `run`.
 //!
-//! No module imports one that imports it back: `state`, `error`, `clock` and
-//! `auth::ClientCert` are the shared pieces that `app`, `intake` and `server` all use.
+//! No module imports one that imports it back: `state`, `error` and `auth::ClientCert`
+//! are the shared pieces that `app`, `intake` and `server` all use (the wall clock is
+//! `outpost_ops::time::now_ms`).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod app;
 pub mod auth;
-pub mod clock;
 pub mod config;
 pub mod error;
 pub mod intake;

@@ -23,7 +23,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use outpost_relay::auth;
 use outpost_relay::auth::readers;
-use outpost_relay::config::{Config, LogFormat, StoreKind};
+use outpost_relay::config::{Config, StoreKind};
 
 /// Receives batches from Outpost gateways and stores every punch exactly once.
 #[derive(Parser)]
@@ -94,19 +94,6 @@ enum GatewayCommand {
     List,
 }
 
-fn init_logging(cfg: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.log.level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cfg.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Pretty => builder.init(),
-    }
-}
-
 fn check_config(cfg: &Config) -> anyhow::Result<()> {
     outpost_relay::server::install_crypto_provider();
     if let (false, Some(cert), Some(key)) =
@@ -144,7 +131,7 @@ fn check_config(cfg: &Config) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let cfg = match Config::load_from_env(cli.config.as_deref()) {
+    let cfg = match outpost_ops::config::load_from_env::<Config>(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("outpost-relay: invalid configuration: {e}");
@@ -153,7 +140,11 @@ fn main() -> ExitCode {
     };
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
-            init_logging(&cfg);
+            outpost_ops::logging::init(
+                cfg.log.format,
+                &cfg.log.level,
+                outpost_relay::config::DEFAULT_LOG_LEVEL,
+            );
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

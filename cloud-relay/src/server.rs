@@ -23,7 +23,9 @@ use tower::ServiceExt;
 
 use crate::app;
 use crate::auth::readers::{ReaderCreds, Readers};
-use crate::auth::{self, AdminToken, ClientCert, GatewayCreds, Gateways};
+use outpost_ops::token::AdminToken;
+
+use crate::auth::{self, ClientCert, GatewayCreds, Gateways};
 use crate::config::{Config, StoreKind};
 use crate::state::AppState;
 use crate::store::postgres::PgStore;
@@ -44,21 +46,8 @@ pub fn tls_acceptor(
     key_file: &Path,
     client_ca: Option<&Path>,
 ) -> anyhow::Result<TlsAcceptor> {
-    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
-        std::fs::File::open(cert_file)
-            .with_context(|| format!("tls.cert_file {}", cert_file.display()))?,
-    ))
-    .collect::<Result<Vec<_>, _>>()
-    .with_context(|| format!("tls.cert_file {} is not PEM", cert_file.display()))?;
-    if certs.is_empty() {
-        anyhow::bail!("tls.cert_file {} holds no certificate", cert_file.display());
-    }
-    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
-        std::fs::File::open(key_file)
-            .with_context(|| format!("tls.key_file {}", key_file.display()))?,
-    ))
-    .with_context(|| format!("tls.key_file {} is not PEM", key_file.display()))?
-    .with_context(|| format!("tls.key_file {} holds no private key", key_file.display()))?;
+    let certs = outpost_ops::pem::load_certs(cert_file).context("tls.cert_file")?;
+    let key = outpost_ops::pem::load_private_key(key_file).context("tls.key_file")?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -79,27 +68,8 @@ fn client_verifier(
     path: &Path,
     provider: Arc<rustls::crypto::CryptoProvider>,
 ) -> anyhow::Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
-    let cas = rustls_pemfile::certs(&mut std::io::BufReader::new(
-        std::fs::File::open(path)
-            .with_context(|| format!("tls.client_ca_file {}", path.display()))?,
-    ))
-    .collect::<Result<Vec<_>, _>>()
-    .with_context(|| format!("tls.client_ca_file {} is not PEM", path.display()))?;
-    if cas.is_empty() {
-        anyhow::bail!(
-            "tls.client_ca_file {} holds no certificate; put the CA that issues gateway certificates there",
-            path.display()
-        );
-    }
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in cas {
-        roots.add(ca).with_context(|| {
-            format!(
-                "tls.client_ca_file {} holds an unusable CA certificate",
-                path.display()
-            )
-        })?;
-    }
+    let roots = outpost_ops::pem::load_roots(path)
+        .context("tls.client_ca_file (the CA that issues gateway certificates, PEM)")?;
     rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
         .allow_unauthenticated()
         .build()
@@ -252,8 +222,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             cfg.relay.data_dir.display()
         )
     })?;
-    let admin =
+    let (admin, created) =
         AdminToken::load_or_create(&cfg.admin_token_file()).context("auth.admin_token_file")?;
+    if created {
+        tracing::info!(file = %cfg.admin_token_file().display(), "created a new admin token (auth.admin_token_file)");
+    }
     let gw_file = cfg.gateways_file();
     let gateways = Gateways::load(&gw_file).context("auth.gateways_file")?;
     if gateways.is_empty() {
@@ -301,7 +274,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let signals = tokio::spawn({
         let cancel = cancel.clone();
         async move {
-            wait_for_signal().await;
+            outpost_ops::signal::wait_for_signal().await;
             tracing::info!("shutting down: no new connections, finishing in-flight batches");
             cancel.cancel();
         }
@@ -329,22 +302,4 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     store.close().await.context("close the store")?;
     tracing::info!("stopped");
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

@@ -11,7 +11,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::readers::ReaderCreds;
-use crate::auth::{AdminToken, GatewayCreds};
+use outpost_ops::token::AdminToken;
+
+use crate::auth::GatewayCreds;
 use crate::config::LimitsSection;
 use crate::metrics::Metrics;
 use crate::store::Store;

@@ -20,12 +20,13 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
+
+use outpost_ops::time::now_ms;
 
 use outpost_ops::file::{write_atomic, FileWatch};
 use outpost_ops::token::token_hash_hex;
 use outpost_protocol::Id;
-use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -218,85 +219,30 @@ pub fn revoke_device(path: &Path, device_id: &str) -> Result<(), AuthError> {
     write_devices_file(path, &table)
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-/// Loads the devices file and spawns a task that reloads it when it changes (polling its
-/// metadata every `every`, [`FileWatch`]). A file that fails to parse keeps the previous
-/// table and logs an error, so a bad edit never locks every device out.
+/// Loads the devices file and spawns a task that reloads it when it changes
+/// ([`outpost_ops::reload::watch_file`], polling every `every`). A file that fails to parse
+/// keeps the previous table and logs an error, so a bad edit never locks every device out.
 pub fn watch_devices(
     path: PathBuf,
     every: Duration,
     shutdown: CancellationToken,
 ) -> Result<watch::Receiver<Arc<DeviceTable>>, AuthError> {
     // Take the version before reading, so an edit that lands in between is reloaded.
-    let mut seen = FileWatch::new(&path);
+    let seen = FileWatch::new(&path);
     let table = DeviceTable::load(&path)?;
     let (tx, rx) = watch::channel(Arc::new(table));
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(every) => {}
-            }
-            if !seen.changed() {
-                continue;
-            }
-            match DeviceTable::load(&path) {
-                Ok(t) => {
-                    tracing::info!(path = %path.display(), devices = t.entries.len(), "device credentials reloaded");
-                    let _ = tx.send(Arc::new(t));
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "device credentials not reloaded; keeping the previous ones")
-                }
-            }
-        }
-    });
+    tokio::spawn(outpost_ops::reload::watch_file(
+        seen,
+        DeviceTable::load,
+        "auth.devices_file",
+        every,
+        shutdown,
+        move |t| {
+            // No receiver left means the gateway is stopping; nothing to do.
+            let _ = tx.send(Arc::new(t));
+        },
+    ));
     Ok(rx)
-}
-
-/// The admin token, compared in constant time.
-#[derive(Clone)]
-pub struct AdminToken(Arc<String>);
-
-impl AdminToken {
-    /// Reads the token file, creating it with a new random token (mode 0600) if missing.
-    pub fn load_or_create(path: &Path) -> Result<(AdminToken, bool), AuthError> {
-        let (token, created) = outpost_ops::token::load_or_create(path, "opa_", TOKEN_BYTES)
-            .map_err(|e| io_err(path)(e.source))?;
-        if token.is_empty() {
-            return Err(AuthError::Parse {
-                path: path.to_path_buf(),
-                line: 1,
-                message: "the admin token file is empty; delete it to have a new token made".into(),
-            });
-        }
-        Ok((AdminToken(Arc::new(token)), created))
-    }
-
-    /// Reads an existing token file (for the CLI).
-    pub fn read(path: &Path) -> Result<String, AuthError> {
-        std::fs::read_to_string(path)
-            .map(|t| t.trim().to_string())
-            .map_err(io_err(path))
-    }
-
-    /// Constant-time comparison with a presented token.
-    pub fn matches(&self, presented: &str) -> bool {
-        self.0.as_bytes().ct_eq(presented.as_bytes()).into()
-    }
-}
-
-/// Extracts the token from an `Authorization: Bearer …` header value.
-pub fn bearer(header: Option<&axum::http::HeaderValue>) -> Option<&str> {
-    let v = header?.to_str().ok()?;
-    let (scheme, token) = v.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 #[cfg(test)]
@@ -342,24 +288,6 @@ mod tests {
         std::fs::write(&p, "# c\ndoor-1\tnothex\n").unwrap();
         let e = DeviceTable::load(&p).unwrap_err();
         assert!(e.to_string().contains("line 2"), "{e}");
-    }
-
-    #[test]
-    fn admin_token_is_created_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("admin.token");
-        let (a, created) = AdminToken::load_or_create(&p).unwrap();
-        assert!(created);
-        let (b, created) = AdminToken::load_or_create(&p).unwrap();
-        assert!(!created);
-        let t = AdminToken::read(&p).unwrap();
-        assert!(a.matches(&t) && b.matches(&t));
-        assert!(!a.matches("opa_nope"));
-        use std::os::unix::fs::PermissionsExt;
-        assert_eq!(
-            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
     }
 
     #[tokio::test]

@@ -14,7 +14,6 @@
 //! The relay later corrects unsynchronised records with time anchors (boot, mono ↔ true).
 
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use outpost_protocol::{BootId, Received, TimeAnchor};
 
@@ -52,11 +51,7 @@ impl Clock {
 
     /// The wall clock in Unix ms (as the box believes it).
     pub fn wall_ms(&self) -> i64 {
-        let real = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
-        real + self.wall_offset_ms
+        outpost_ops::time::now_ms() + self.wall_offset_ms
     }
 
     /// Whether the wall clock is synchronised (see the module docs).

@@ -10,8 +10,9 @@
 //! `config/gateway.toml` documents every key.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+use outpost_ops::config::Validate;
 use serde::Deserialize;
 
 use crate::ingest::adms::AdmsConfig;
@@ -158,35 +159,11 @@ impl Default for LogSection {
 /// ERROR lines on ordinary disconnects, so it is silenced unless asked for.
 pub const DEFAULT_LOG_LEVEL: &str = "info,rumqttd=off";
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Pretty,
-    /// One JSON object per line.
-    Json,
-}
+pub use outpost_ops::logging::LogFormat;
 
-impl Config {
-    /// Loads `path` (or only the embedded defaults when `None`), applies `OUTPOST_*`
-    /// environment overrides from `env`, and validates the result.
-    pub fn load(
-        path: Option<&Path>,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Config, ConfigError> {
-        let cfg: Config = outpost_ops::config::load(path, env)?;
-        cfg.validate()?;
-        Ok(cfg)
-    }
-
-    /// Loads using the process environment.
-    pub fn load_from_env(path: Option<&Path>) -> Result<Config, ConfigError> {
-        Config::load(path, std::env::vars())
-    }
-
+impl Validate for Config {
     /// Checks values that types alone cannot.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self) -> Result<(), ConfigError> {
         outpost_protocol::Id::new_topic_safe(&self.gateway.id)
             .map_err(|e| ConfigError::key("gateway.id", format!("{e} (1-64 bytes, no / + #)")))?;
         outpost_protocol::Id::new_topic_safe(&self.gateway.site)
@@ -218,7 +195,7 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+        outpost_ops::logging::check_filter(&self.log.level)
             .map_err(|e| ConfigError::key("log.level", e.to_string()))?;
         self.journal
             .validate()
@@ -234,7 +211,9 @@ impl Config {
             .map_err(|(key, msg)| ConfigError::key(format!("uplink.{key}"), msg))?;
         Ok(())
     }
+}
 
+impl Config {
     /// The device credentials file.
     pub fn devices_file(&self) -> PathBuf {
         self.auth
@@ -260,6 +239,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use outpost_ops::config::load_validated;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
@@ -270,7 +250,7 @@ mod tests {
 
     #[test]
     fn embedded_defaults_are_valid() {
-        let c = Config::load(None, env(&[])).unwrap();
+        let c = load_validated::<Config>(None, env(&[])).unwrap();
         assert_eq!(c.http.listen.port(), 8080);
         assert!(c.auth.required);
         assert_eq!(c.gateway.data_dir, PathBuf::from("./outpost-data"));
@@ -278,7 +258,7 @@ mod tests {
 
     #[test]
     fn env_overrides_apply_and_are_typed() {
-        let c = Config::load(
+        let c = load_validated::<Config>(
             None,
             env(&[
                 ("OUTPOST_HTTP__LISTEN", "127.0.0.1:9000"),
@@ -295,11 +275,13 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let e = Config::load(None, env(&[("OUTPOST_HTTP__LISTEN", "not-an-address")])).unwrap_err();
+        let e = load_validated::<Config>(None, env(&[("OUTPOST_HTTP__LISTEN", "not-an-address")]))
+            .unwrap_err();
         assert!(e.to_string().contains("http.listen"), "{e}");
-        let e = Config::load(None, env(&[("OUTPOST_HTTP__LISTN", "1")])).unwrap_err();
+        let e = load_validated::<Config>(None, env(&[("OUTPOST_HTTP__LISTN", "1")])).unwrap_err();
         assert!(e.to_string().contains("listn"), "{e}");
-        let e = Config::load(None, env(&[("OUTPOST_GATEWAY__SITE", "a/b")])).unwrap_err();
+        let e =
+            load_validated::<Config>(None, env(&[("OUTPOST_GATEWAY__SITE", "a/b")])).unwrap_err();
         assert!(e.to_string().contains("gateway.site"), "{e}");
     }
 
@@ -312,12 +294,12 @@ mod tests {
             "[gateway]\nid = \"gw-1\"\nsite = \"HC001\"\n[http]\nmax_body_bytes = 4096\n",
         )
         .unwrap();
-        let c = Config::load(Some(&p), env(&[])).unwrap();
+        let c = load_validated::<Config>(Some(&p), env(&[])).unwrap();
         assert_eq!(c.gateway.id, "gw-1");
         assert_eq!(c.http.max_body_bytes, 4096);
         std::fs::write(&p, "[gateway\n").unwrap();
         assert!(matches!(
-            Config::load(Some(&p), env(&[])),
+            load_validated::<Config>(Some(&p), env(&[])),
             Err(ConfigError::Syntax { .. })
         ));
     }

@@ -24,7 +24,9 @@ use tokio_util::sync::CancellationToken;
 use tower::limit::ConcurrencyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 
-use crate::auth::{watch_devices, AdminToken};
+use outpost_ops::token::AdminToken;
+
+use crate::auth::watch_devices;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::ingest::adms::AdmsState;

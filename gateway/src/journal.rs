@@ -107,7 +107,7 @@ mod writer;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use outpost_protocol::{cbor, Record, RejectCode};
 use tokio::sync::watch;
@@ -174,13 +174,6 @@ struct Inner {
 
 /// What a fresh open found.
 type Opened = (sled::Db, Meta);
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
 
 impl Journal {
     /// Opens (or creates) the journal in `dir`. Fails with [`JournalError::InUse`] if
@@ -326,7 +319,7 @@ impl Journal {
     /// acknowledge anything before that. An `Err` means nothing of the group was written.
     /// Blocking: on the async runtime, call it in `spawn_blocking`.
     pub fn append(&self, items: &[Pending]) -> Result<Vec<Outcome>, JournalError> {
-        self.append_at(items, now_ms())
+        self.append_at(items, outpost_ops::time::now_ms())
     }
 
     pub(crate) fn append_at(
@@ -571,7 +564,7 @@ impl Journal {
     /// Not flushed by itself: a crash may undo it, and then the records are resent.
     /// Blocking: on the async runtime, call it in `spawn_blocking`.
     pub fn trim_through(&self, seq: u64) -> Result<u64, JournalError> {
-        self.trim_through_at(seq, now_ms())
+        self.trim_through_at(seq, outpost_ops::time::now_ms())
     }
 
     pub(crate) fn trim_through_at(&self, seq: u64, now: i64) -> Result<u64, JournalError> {
@@ -770,34 +763,24 @@ impl Iterator for Records {
     }
 }
 
-/// [`open_store`], retrying while the lock is held for up to `wait`: when this process
-/// just dropped its previous handle, sled's background threads let go of the file lock a
-/// moment later. Another process holding it is reported as [`JournalError::InUse`].
+/// Opens sled, waiting up to `lock_wait` for its file lock (our own previous handle may
+/// still hold it for a moment, see [`outpost_ops::sled`]), makes whatever it recovered
+/// durable, and loads (or creates) the meta. A lock still held at the deadline is
+/// [`JournalError::InUse`].
 pub(crate) fn open_store_waiting(
     dir: &Path,
     cfg: &JournalConfig,
-    wait: Duration,
+    lock_wait: Duration,
 ) -> Result<(sled::Db, Meta), JournalError> {
-    let deadline = Instant::now() + wait;
-    loop {
-        match open_store(dir, cfg) {
-            Err(JournalError::InUse { .. }) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            other => return other,
-        }
-    }
-}
-
-/// Opens sled, makes whatever it recovered durable, and loads (or creates) the meta.
-fn open_store(dir: &Path, cfg: &JournalConfig) -> Result<(sled::Db, Meta), JournalError> {
     let err = |e| JournalError::from_sled(dir.to_path_buf(), e);
-    let db = sled::Config::new()
-        .path(dir)
-        .cache_capacity(cfg.cache_capacity_bytes)
-        .flush_every_ms(Some(1000))
-        .open()
-        .map_err(err)?;
+    let db = outpost_ops::sled::open_retrying(lock_wait, || {
+        sled::Config::new()
+            .path(dir)
+            .cache_capacity(cfg.cache_capacity_bytes)
+            .flush_every_ms(Some(1000))
+            .open()
+    })
+    .map_err(err)?;
     sync_files(dir)?;
     let meta = match db.get(layout::META_KEY).map_err(err)? {
         Some(v) => {

@@ -26,3 +26,6 @@ pub mod metrics;
 pub mod ratelimit;
 pub mod status;
 pub mod uplink;
+
+#[cfg(test)]
+mod test_pki;

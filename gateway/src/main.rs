@@ -10,10 +10,11 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use outpost_gateway::admin_client::{self, ClientError};
-use outpost_gateway::auth::{self, AdminToken};
-use outpost_gateway::config::{Config, LogFormat};
+use outpost_gateway::auth;
+use outpost_gateway::config::Config;
 use outpost_gateway::export::{self, Format, Since};
 use outpost_gateway::journal::{Journal, JournalError};
+use outpost_ops::token::AdminToken;
 use tokio_util::sync::CancellationToken;
 
 /// Collects clock-in punches from local devices, keeps them safe on disk, and forwards them
@@ -90,7 +91,7 @@ fn main() -> ExitCode {
         let packaged = PathBuf::from(PACKAGED_CONFIG);
         packaged.exists().then_some(packaged)
     });
-    let cfg = match Config::load_from_env(config.as_deref()) {
+    let cfg = match outpost_ops::config::load_from_env::<Config>(config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("outpost-gateway: invalid configuration: {e}");
@@ -127,20 +128,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(cfg: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cfg.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Pretty => builder.init(),
-    }
-}
-
 fn run(cfg: Config) -> anyhow::Result<()> {
-    init_logging(&cfg);
+    outpost_ops::logging::init(
+        cfg.log.format,
+        &cfg.log.level,
+        outpost_gateway::config::DEFAULT_LOG_LEVEL,
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -149,28 +142,11 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         let shutdown = CancellationToken::new();
         let signals = shutdown.clone();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            outpost_ops::signal::wait_for_signal().await;
             signals.cancel();
         });
         outpost_gateway::daemon::run(cfg, shutdown).await
     })
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!(
-            "cannot install signal handlers; stop the gateway with SIGKILL only if you must"
-        );
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
 }
 
 fn admin_token(cfg: &Config) -> anyhow::Result<String> {

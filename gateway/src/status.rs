@@ -22,12 +22,13 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::auth::{bearer, AdminToken};
 use crate::clock::Clock;
 use crate::committer::CommitterHandle;
 use crate::export::{self, Format, Since};
 use crate::journal::Journal;
 use crate::metrics::Metrics;
+use outpost_ops::bearer::bearer;
+use outpost_ops::token::AdminToken;
 
 /// What the operations endpoints read.
 #[derive(Clone)]

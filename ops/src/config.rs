@@ -3,8 +3,10 @@
 //!
 //! Every error names the dotted key (`http.listen`, `limits.max_raw_bytes`) and the reason,
 //! so an operator knows which line or variable to fix. Checks that types alone cannot
-//! express (ranges, keys that need each other) are the daemon's: it validates the value
-//! [`load`] returns and reports with [`ConfigError::key`].
+//! express (ranges, keys that need each other) are the daemon's: its config type implements
+//! [`Validate`], reporting with [`ConfigError::key`], and [`load_validated`] (or
+//! [`load_from_env`], for the process environment) runs both steps. Both daemons load
+//! their config this one way.
 
 use std::path::{Path, PathBuf};
 
@@ -47,6 +49,38 @@ impl ConfigError {
             message: message.into(),
         }
     }
+}
+
+/// A daemon's config type: the checks that types alone cannot express.
+pub trait Validate {
+    /// Checks the values; the error names the key to change.
+    fn validate(&self) -> Result<(), ConfigError>;
+}
+
+impl From<crate::env::EnvError> for ConfigError {
+    fn from(e: crate::env::EnvError) -> Self {
+        ConfigError::Key {
+            key: e.key,
+            message: e.message,
+        }
+    }
+}
+
+/// [`load`], then [`Validate::validate`]: the daemon's config, ready to use.
+pub fn load_validated<T: DeserializeOwned + Validate>(
+    path: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<T, ConfigError> {
+    let cfg: T = load(path, env)?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// [`load_validated`] with the process environment.
+pub fn load_from_env<T: DeserializeOwned + Validate>(
+    path: Option<&Path>,
+) -> Result<T, ConfigError> {
+    load_validated(path, std::env::vars())
 }
 
 /// Reads `path` (nothing when `None`, so only the config type's defaults apply), applies the
@@ -118,6 +152,26 @@ mod tests {
         std::fs::write(&p, "[http]\nport = 9000\nopen = true\n").unwrap();
         let c: Cfg = load(Some(&p), var("OUTPOST_HTTP__OPEN", "false")).unwrap();
         assert_eq!((c.http.port, c.http.open), (9000, false));
+    }
+
+    impl Validate for Cfg {
+        fn validate(&self) -> Result<(), ConfigError> {
+            if self.http.port == 0 {
+                return Err(ConfigError::key("http.port", "must not be 0"));
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn load_validated_checks_after_the_overrides() {
+        let c: Cfg = load_validated(None, var("OUTPOST_HTTP__PORT", "81")).unwrap();
+        assert_eq!(c.http.port, 81);
+        let e = load_validated::<Cfg>(None, var("OUTPOST_HTTP__PORT", "0")).unwrap_err();
+        assert!(e.to_string().contains("`http.port`: must not be 0"), "{e}");
+        // An override error comes out as a key error too.
+        let e = load_validated::<Cfg>(None, var("OUTPOST_HTTP____PORT", "1")).unwrap_err();
+        assert!(matches!(e, ConfigError::Key { .. }), "{e}");
     }
 
     #[test]

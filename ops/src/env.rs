@@ -7,15 +7,35 @@
 //! string otherwise, so `OUTPOST_GATEWAY__SITE=HC001` needs no quotes. Variables with the
 //! prefix but no `__` (`OUTPOST_CONFIG`, `OUTPOST_UPLINK_TOKEN`, `OUTPOST_TEST_*`) are not
 //! config keys and are left alone.
+//!
+//! This module knows nothing of the config loader (which converts [`EnvError`] into its
+//! own error), so the two do not import each other.
 
-use crate::config::ConfigError;
+/// A variable that cannot be applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("config key `{key}`: {message}")]
+pub struct EnvError {
+    /// The dotted key it would set, or the variable's name when that cannot be worked out.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl EnvError {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        EnvError {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
 
 /// Applies `OUTPOST_A__B__C=value` variables among `env` to `table` as `a.b.c = value`.
 /// Later variables win over earlier ones and over the file.
 pub fn apply_env_overrides(
     table: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
+) -> Result<(), EnvError> {
     for (name, value) in env {
         let Some(path) = name.strip_prefix("OUTPOST_") else {
             continue;
@@ -26,7 +46,7 @@ pub fn apply_env_overrides(
         }
         let keys: Vec<String> = path.split("__").map(|k| k.to_ascii_lowercase()).collect();
         if keys.iter().any(String::is_empty) {
-            return Err(ConfigError::key(
+            return Err(EnvError::new(
                 name.clone(),
                 "empty key segment in environment variable name",
             ));
@@ -44,7 +64,7 @@ pub fn apply_env_overrides(
             cur = match entry {
                 toml::Value::Table(t) => t,
                 _ => {
-                    return Err(ConfigError::key(
+                    return Err(EnvError::new(
                         keys.join("."),
                         format!("{name} sets a key below `{k}`, which is not a section"),
                     ))
@@ -60,7 +80,7 @@ pub fn apply_env_overrides(
 mod tests {
     use super::*;
 
-    fn apply(text: &str, pairs: &[(&str, &str)]) -> Result<toml::Table, ConfigError> {
+    fn apply(text: &str, pairs: &[(&str, &str)]) -> Result<toml::Table, EnvError> {
         let mut t: toml::Table = text.parse().unwrap();
         apply_env_overrides(
             &mut t,

@@ -13,9 +13,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use outpost_ops::time::now_ms;
 use subtle::ConstantTimeEq;
-
-use crate::clock::now_ms;
 
 use super::{
     check_id, digest_field, new_token, parse_lines, parse_ms, read_optional, token_hash,

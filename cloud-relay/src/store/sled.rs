@@ -307,35 +307,23 @@ impl SledStore {
             // Before sled reads anything (module docs, "Commit and failures").
             sync_store_dir(dir)?;
         }
-        let deadline = std::time::Instant::now() + LOCK_WAIT;
-        let db = loop {
-            let opened = no_panic(dir, || {
+        let opened = no_panic(dir, || {
+            outpost_ops::sled::open_retrying(LOCK_WAIT, || {
                 sled::Config::new()
                     .path(dir)
                     .cache_capacity(cache_bytes)
                     .open()
-            })?;
-            match opened {
-                Ok(db) => break db,
-                // sled reports a held lock only as an `Io` error whose text says so; there
-                // is no variant or error kind to match.
-                Err(e)
-                    if std::time::Instant::now() < deadline
-                        && e.to_string().contains("acquire lock") =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(e) => {
-                    return Err(StoreError::io(
-                        format!(
-                            "cannot open sled store in {} (is another relay using this relay.data_dir?)",
-                            dir.display()
-                        ),
-                        e,
-                    ))
-                }
-            }
-        };
+            })
+        })?;
+        let db = opened.map_err(|e| {
+            StoreError::io(
+                format!(
+                    "cannot open sled store in {} (is another relay using this relay.data_dir?)",
+                    dir.display()
+                ),
+                e,
+            )
+        })?;
         // The first reads walk to both ends of the recovered tree: sled may panic there too.
         let tree = no_panic(dir, || -> Result<sled::Tree, sled::Error> {
             let tree = db.open_tree("relay")?;

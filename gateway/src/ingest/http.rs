@@ -44,11 +44,12 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
+use outpost_ops::bearer::bearer;
 use outpost_protocol::{RejectCode, Source};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use crate::auth::{bearer, DeviceTable};
+use crate::auth::DeviceTable;
 use crate::clock::Clock;
 use crate::committer::CommitterHandle;
 use crate::ingest::punch_body::{self, Encoding, Limit, PunchResult, Rejection};

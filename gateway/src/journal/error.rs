@@ -110,10 +110,10 @@ impl JournalError {
     /// Converts an I/O error. sled 0.34 re-creates stored errors from their kind and Debug
     /// text (losing the raw errno), so both are checked.
     pub(crate) fn from_io(path: PathBuf, io: io::Error) -> Self {
-        let text = format!("{io:?}");
-        if text.contains("could not acquire lock") {
+        if outpost_ops::sled::is_lock_error_io(&io) {
             return JournalError::InUse { path };
         }
+        let text = format!("{io:?}");
         let full = io.kind() == io::ErrorKind::StorageFull
             || matches!(io.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
             || text.contains("code: 28,")

@@ -48,16 +48,8 @@ fn flush(j: &Journal) {
 /// thread holds the database (and its file lock) for a moment after the last handle goes,
 /// so a plain `sled::open` right after a drop fails with "could not acquire lock".
 fn raw_open(dir: &std::path::Path) -> sled::Db {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match sled::open(dir) {
-            Ok(db) => return db,
-            Err(e) if Instant::now() < deadline && e.to_string().contains("acquire lock") => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            Err(e) => panic!("cannot open {}: {e}", dir.display()),
-        }
-    }
+    outpost_ops::sled::open_retrying(Duration::from_secs(10), || sled::open(dir))
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", dir.display()))
 }
 
 const T0: i64 = 1_800_000_000_000;

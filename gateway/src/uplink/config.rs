@@ -2,6 +2,9 @@
 //! to batch, and how to behave when the link fails. `config/gateway.toml` documents every
 //! key; DESIGN.md fixes the names `uplink.relays`, `uplink.token_file` and
 //! `uplink.transport`.
+//!
+//! This module uses `link` (relay URLs) and `tls` (checking the TLS files); neither uses
+//! it back: `tls` takes its settings as [`TlsSettings`].
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -9,25 +12,9 @@ use std::time::Duration;
 use outpost_ops::duration::deserialize_duration;
 use serde::Deserialize;
 
-/// Which protocol carries the frames.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Transport {
-    /// One long-lived WebSocket on `/v1/uplink` (the normal path).
-    Websocket,
-    /// One `POST /v1/batches` per batch, for networks that break WebSockets.
-    Https,
-}
-
-impl Transport {
-    /// The config spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Transport::Websocket => "websocket",
-            Transport::Https => "https",
-        }
-    }
-}
+use super::link::Endpoint;
+pub use super::link::Transport;
+use super::tls::{self, TlsSettings};
 
 /// `[uplink]`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -152,7 +139,7 @@ impl UplinkConfig {
     /// `[uplink]`.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         for url in &self.relays {
-            super::link::Endpoint::parse(url, self.transport())
+            Endpoint::parse(url, self.transport())
                 .map_err(|e| ("relays", format!("{url:?}: {e}")))?;
         }
         if self.batch_max_records == 0
@@ -194,16 +181,29 @@ impl UplinkConfig {
                 return Err((key, "must be more than 0 (for example \"10s\")".into()));
             }
         }
-        if let Some(pin) = &self.pinned_cert_sha256 {
-            super::tls::parse_pin(pin).map_err(|e| ("pinned_cert_sha256", e))?;
+        let settings = TlsSettings::from(self);
+        let tls_error = |e: tls::TlsError| (e.key().unwrap_or("ca_file"), e.problem());
+        if let Some(pin) = settings.pinned_cert_sha256 {
+            tls::parse_pin(pin).map_err(tls_error)?;
         }
-        if let Some(ca) = &self.ca_file {
-            super::tls::load_ca_file(ca).map_err(|e| ("ca_file", e))?;
+        if let Some(ca) = settings.ca_file {
+            tls::load_ca_file(ca).map_err(tls_error)?;
         }
         // Both or neither, and the pair must load and match: a wrong file is a
         // configuration error at start (and in check-config), not a retry loop later.
-        super::tls::client_identity(self)?;
+        tls::client_identity(&settings).map_err(tls_error)?;
         Ok(())
+    }
+}
+
+impl<'a> From<&'a UplinkConfig> for TlsSettings<'a> {
+    fn from(c: &'a UplinkConfig) -> Self {
+        TlsSettings {
+            ca_file: c.ca_file.as_deref(),
+            pinned_cert_sha256: c.pinned_cert_sha256.as_deref(),
+            client_cert_file: c.client_cert_file.as_deref(),
+            client_key_file: c.client_key_file.as_deref(),
+        }
     }
 }
 
@@ -267,7 +267,7 @@ mod tests {
         let junk = dir.path().join("junk.pem");
         std::fs::write(&junk, "not PEM").unwrap();
         let load = |pairs: &[(&str, &Path)]| {
-            crate::config::Config::load(
+            outpost_ops::config::load_validated::<crate::config::Config>(
                 None,
                 pairs
                     .iter()

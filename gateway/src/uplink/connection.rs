@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::batcher::{self, BatchError, Prepared};
-use super::config::Transport;
+use super::link::Transport;
 use super::link::{Endpoint, Link, LinkError};
 use super::session::{AckNext, Acked, Prepare, TickAction};
 use super::status::Health;

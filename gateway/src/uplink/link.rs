@@ -25,7 +25,27 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_tungstenite::MaybeTlsStream;
 
-use super::config::Transport;
+use super::tls::TlsError;
+
+/// Which protocol carries the frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// One long-lived WebSocket on `/v1/uplink` (the normal path).
+    Websocket,
+    /// One `POST /v1/batches` per batch, for networks that break WebSockets.
+    Https,
+}
+
+impl Transport {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Websocket => "websocket",
+            Transport::Https => "https",
+        }
+    }
+}
 
 /// A relay address resolved for one transport.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,24 +73,18 @@ impl Endpoint {
     /// (`wss`/`https`) or not (`ws`/`http`); the path defaults to `/v1/uplink` or
     /// `/v1/batches`, and either of those is swapped for the transport's own, so one list
     /// of URLs works with both transports. Any other path is a prefix (a reverse proxy).
-    pub fn parse(url: &str, transport: Transport) -> Result<Endpoint, String> {
-        let uri: Uri = url
-            .parse()
-            .map_err(|e| format!("not a URL ({e}); write e.g. \"wss://relay.example.org\""))?;
+    pub fn parse(url: &str, transport: Transport) -> Result<Endpoint, EndpointError> {
+        let uri: Uri = url.parse().map_err(EndpointError::NotAUrl)?;
         let tls = match uri.scheme_str() {
             Some("wss") | Some("https") => true,
             Some("ws") | Some("http") => false,
-            Some(other) => {
-                return Err(format!(
-                    "scheme {other:?} is not supported; use wss://, ws://, https:// or http://"
-                ))
-            }
-            None => return Err("a scheme is needed (wss://, ws://, https:// or http://)".into()),
+            Some(other) => return Err(EndpointError::Scheme(other.to_string())),
+            None => return Err(EndpointError::NoScheme),
         };
         let host = uri
             .host()
             .filter(|h| !h.is_empty())
-            .ok_or("the URL has no host")?
+            .ok_or(EndpointError::NoHost)?
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_string();
@@ -125,6 +139,23 @@ impl Endpoint {
     }
 }
 
+/// Why a relay URL cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    /// It does not parse as a URL.
+    #[error("not a URL ({0}); write e.g. \"wss://relay.example.org\"")]
+    NotAUrl(#[source] axum::http::uri::InvalidUri),
+    /// The scheme is not one of ours.
+    #[error("scheme {0:?} is not supported; use wss://, ws://, https:// or http://")]
+    Scheme(String),
+    /// There is no scheme.
+    #[error("a scheme is needed (wss://, ws://, https:// or http://)")]
+    NoScheme,
+    /// There is no host.
+    #[error("the URL has no host")]
+    NoHost,
+}
+
 /// Why a link failed. Every variant ends the session; the uplink backs off and resends.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LinkError {
@@ -134,7 +165,7 @@ pub enum LinkError {
     /// The TLS handshake failed (unknown CA, wrong pin, wrong name, client certificate
     /// refused or unusable).
     #[error("TLS handshake failed: {0} (check uplink.ca_file / uplink.pinned_cert_sha256 / uplink.client_cert_file)")]
-    Tls(String),
+    Tls(#[source] TlsError),
     /// The relay refused the token, the client certificate or the gateway/site (401/403,
     /// WebSocket 1008).
     #[error("the relay refused this gateway: {0}. Check uplink.token_file (issue a token with `outpost-relay gateway add <gateway.id> --site <gateway.site>`), or, without a token, that the relay knows the certificate in uplink.client_cert_file")]
@@ -231,17 +262,24 @@ pub async fn connect_stream(
     let tcp = TcpStream::connect((ep.host.as_str(), ep.port))
         .await
         .map_err(|e| LinkError::Connect(format!("{}: {e}", ep.authority())))?;
-    let _ = tcp.set_nodelay(true);
+    if let Err(e) = tcp.set_nodelay(true) {
+        // Not fatal: the link works, only small acks may wait for Nagle's timer.
+        tracing::warn!(error = %e, relay = %ep.url, "cannot set TCP_NODELAY on the uplink socket");
+    }
     if !ep.tls {
         return Ok(MaybeTlsStream::Plain(tcp));
     }
-    let cfg = tls.ok_or_else(|| LinkError::Tls("no TLS configuration".into()))?;
-    let name = ServerName::try_from(ep.host.clone())
-        .map_err(|e| LinkError::Tls(format!("{:?} is not a valid server name: {e}", ep.host)))?;
+    let cfg = tls.ok_or(LinkError::Tls(TlsError::NotConfigured))?;
+    let name = ServerName::try_from(ep.host.clone()).map_err(|e| {
+        LinkError::Tls(TlsError::ServerName {
+            host: ep.host.clone(),
+            source: Arc::new(e),
+        })
+    })?;
     let stream = tokio_rustls::TlsConnector::from(cfg)
         .connect(name, tcp)
         .await
-        .map_err(|e| LinkError::Tls(e.to_string()))?;
+        .map_err(|e| LinkError::Tls(TlsError::Handshake(Arc::new(e))))?;
     Ok(MaybeTlsStream::Rustls(stream))
 }
 
@@ -264,8 +302,28 @@ mod tests {
         );
         let e = Endpoint::parse("ws://[::1]:7000", Transport::Websocket).unwrap();
         assert_eq!(e.authority(), "[::1]:7000");
-        assert!(Endpoint::parse("ftp://x", Transport::Websocket).is_err());
+        assert!(matches!(
+            Endpoint::parse("ftp://x", Transport::Websocket),
+            Err(EndpointError::Scheme(s)) if s == "ftp"
+        ));
         assert!(Endpoint::parse("relay.example.org", Transport::Websocket).is_err());
+        assert!(matches!(
+            Endpoint::parse("wss://", Transport::Websocket),
+            Err(EndpointError::NotAUrl(_) | EndpointError::NoHost)
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_uplink_socket_has_nagle_off() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let ep = Endpoint::parse(&format!("ws://127.0.0.1:{port}"), Transport::Websocket).unwrap();
+        let (stream, accepted) = tokio::join!(connect_stream(&ep, None), listener.accept());
+        accepted.unwrap();
+        match stream.unwrap() {
+            MaybeTlsStream::Plain(tcp) => assert!(tcp.nodelay().unwrap()),
+            _ => panic!("ws:// must be plain TCP"),
+        }
     }
 
     #[test]

@@ -31,7 +31,7 @@
 //!
 //! [`Health`]: `offline` (no relay configured, or stopped), `connecting`, `online` (caught
 //! up), `draining` (connected with more than one batch waiting) and `backing_off` (waiting
-//! after a failure: exponential with jitter, [`backoff`]). The state, backlog, oldest
+//! after a failure: exponential with jitter, [`outpost_ops::backoff`]). The state, backlog, oldest
 //! unsent age, last success, last error and bytes sent are in `/v1/status` and `/metrics`.
 //! With several relays, a failed attempt moves to the next one; a relay that worked is
 //! retried first.
@@ -54,7 +54,6 @@
 //!   ([`ws`], [`https`], [`tls`]) and [`config`] as named.
 
 pub mod anchors;
-pub mod backoff;
 pub mod batcher;
 pub mod config;
 mod connection;

@@ -14,7 +14,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::anchors::Anchors;
-use super::backoff::Backoff;
 use super::batcher::BatchHeader;
 use super::config::UplinkConfig;
 use super::link::{Endpoint, LinkError};
@@ -23,6 +22,7 @@ use super::status::{Health, UplinkHandle};
 use crate::clock::{Clock, RelayTime};
 use crate::journal::Journal;
 use crate::metrics::{Metrics, UplinkErrorLabels};
+use outpost_ops::backoff::Backoff;
 
 /// What the uplink needs from the rest of the gateway.
 #[derive(Clone)]

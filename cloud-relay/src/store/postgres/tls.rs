@@ -126,27 +126,11 @@ fn pg_roots(ca_file: Option<&Path>) -> Result<rustls::RootCertStore, StoreError>
     }
 }
 
-/// The CA certificate(s) in `store.ca_file` as trust roots; errors name the key and the
-/// file. The only place this store reads PEM.
+/// The CA certificate(s) in `store.ca_file` as trust roots ([`outpost_ops::pem`]); the
+/// error names the key and the file.
 fn load_ca_file(path: &Path) -> Result<rustls::RootCertStore, StoreError> {
-    let key = format!("store.ca_file {}", path.display());
-    let file = std::fs::File::open(path).map_err(|e| StoreError::unavailable(&key, e))?;
-    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(file))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| StoreError::unavailable(format!("{key} is not PEM"), e))?;
-    if certs.is_empty() {
-        return Err(StoreError::refused(format!(
-            "{key} holds no PEM certificate; put the CA certificate(s) that issued the \
-             PostgreSQL server's certificate there"
-        )));
-    }
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in certs {
-        roots.add(cert).map_err(|e| {
-            StoreError::unavailable(format!("{key} holds an unusable CA certificate"), e)
-        })?;
-    }
-    Ok(roots)
+    outpost_ops::pem::load_roots(path)
+        .map_err(|e| StoreError::unavailable(format!("store.ca_file {}", path.display()), e))
 }
 
 /// `store.tls = "require"` (libpq's `sslmode=require`): any server certificate is

@@ -16,8 +16,9 @@
 //!
 //! rumqttc reconnects on the next poll after an error, immediately. The task sleeps between
 //! failures: `reconnect_min_ms`, doubling per consecutive failure up to `reconnect_max_ms`,
-//! each delay drawn uniformly from its upper half (jitter), so a fleet of gateways does not
-//! reconnect in lock step after a broker restart. A successful CONNACK resets the delay.
+//! each delay drawn uniformly from its upper half (jitter, [`outpost_ops::backoff`]), so a
+//! fleet of gateways does not reconnect in lock step after a broker restart. A successful
+//! CONNACK resets the delay.
 //!
 //! Every CONNACK starts a new *generation*. Punch messages carry the generation they arrived
 //! in; an ack for a message of an older generation is not sent to the broker (its packet id
@@ -36,7 +37,6 @@
 //! broker's side is the operator's (README).
 //! rumqttd, the embedded broker, offers no way to set it on the sockets it accepts.
 
-use std::io::BufReader;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -119,27 +119,16 @@ fn read_password(path: &Path) -> Result<String, MqttError> {
     Ok(pw)
 }
 
-/// A rustls client configuration with the ring provider, trusting `ca_file` (PEM) or, when
-/// unset, the public web roots.
+/// A rustls client configuration with the ring provider, trusting `ca_file` (PEM, every
+/// certificate in it: [`outpost_ops::pem::load_roots`]) or, when unset, the public web
+/// roots.
 pub fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, MqttError> {
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            let bad = |message: String| MqttError::CaFile {
-                path: path.to_path_buf(),
-                message,
-            };
-            let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
-            let certs = rustls_pemfile::certs(&mut BufReader::new(file))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| bad(format!("not a PEM file: {e}")))?;
-            let (added, _ignored) = roots.add_parsable_certificates(certs);
-            if added == 0 {
-                return Err(bad("holds no usable CA certificate".into()));
-            }
-        }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
+    let roots = match ca_file {
+        Some(path) => outpost_ops::pem::load_roots(path).map_err(MqttError::CaFile)?,
+        None => rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        },
+    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -217,42 +206,6 @@ pub fn is_auth_refusal(code: ConnectReturnCode) -> bool {
     )
 }
 
-/// Exponential backoff with jitter.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    min_ms: u64,
-    max_ms: u64,
-    failures: u32,
-}
-
-impl Backoff {
-    /// Delays from `min_ms` doubling up to `max_ms`.
-    pub fn new(min_ms: u64, max_ms: u64) -> Self {
-        Backoff {
-            min_ms,
-            max_ms,
-            failures: 0,
-        }
-    }
-
-    /// The next delay: the ceiling doubles per call; the delay is uniform in its upper half.
-    pub fn next_delay(&mut self) -> Duration {
-        let ceiling = self
-            .min_ms
-            .saturating_mul(1u64 << self.failures.min(20))
-            .min(self.max_ms);
-        self.failures = self.failures.saturating_add(1);
-        let half = ceiling / 2;
-        let ms = half + rand::random_range(0..=ceiling - half);
-        Duration::from_millis(ms.max(1))
-    }
-
-    /// After a success.
-    pub fn reset(&mut self) {
-        self.failures = 0;
-    }
-}
-
 /// One punch message handed from the poller to the pipeline.
 #[derive(Debug)]
 pub struct Incoming {
@@ -297,7 +250,7 @@ pub struct Poller {
     /// The first attempt's outcome.
     pub first: Option<oneshot::Sender<FirstOutcome>>,
     /// Reconnect delays.
-    pub backoff: Backoff,
+    pub backoff: outpost_ops::backoff::Backoff,
     /// Stops the poller (after the pipeline has flushed its acks and disconnected).
     pub stop: CancellationToken,
     /// What to name in errors.
@@ -458,18 +411,6 @@ pub async fn subscriber(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_with_jitter_and_resets() {
-        let mut b = Backoff::new(100, 1000);
-        let d: Vec<u64> = (0..8).map(|_| b.next_delay().as_millis() as u64).collect();
-        assert!((50..=100).contains(&d[0]), "{d:?}");
-        assert!((100..=200).contains(&d[1]), "{d:?}");
-        assert!((200..=400).contains(&d[2]), "{d:?}");
-        assert!(d[5..].iter().all(|&x| (500..=1000).contains(&x)), "{d:?}");
-        b.reset();
-        assert!(b.next_delay().as_millis() <= 100);
-    }
 
     #[test]
     fn refusals_name_the_keys() {

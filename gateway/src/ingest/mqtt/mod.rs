@@ -56,6 +56,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use outpost_ops::backoff::Backoff;
 use rumqttc::{AsyncClient, ConnectReturnCode};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -68,7 +69,7 @@ use crate::auth::DeviceTable;
 use crate::clock::Clock;
 use crate::committer::CommitterHandle;
 use crate::metrics::Metrics;
-use client::{Backoff, FirstOutcome, Poller, Probe, Shared, Target};
+use client::{FirstOutcome, Poller, Probe, Shared, Target};
 
 /// Why MQTT ingest could not start. Each message names the config key to change.
 #[derive(Debug, thiserror::Error)]
@@ -105,14 +106,9 @@ pub enum MqttError {
         /// Why.
         message: String,
     },
-    /// The CA file cannot be used.
-    #[error("cannot use {path} as the MQTT broker's CA (mqtt.ca_file): {message}")]
-    CaFile {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        message: String,
-    },
+    /// The CA file cannot be used (the error names the file).
+    #[error("cannot use the MQTT broker's CA (mqtt.ca_file): {0}")]
+    CaFile(#[source] outpost_ops::pem::PemError),
     /// The TLS configuration could not be built.
     #[error("MQTT TLS setup failed: {0}")]
     Tls(String),
@@ -314,7 +310,10 @@ pub async fn start(p: MqttParams, shutdown: CancellationToken) -> Result<MqttSer
         status: status.clone(),
         connacks: connack_tx,
         first: Some(first_tx),
-        backoff: Backoff::new(cfg.reconnect_min_ms, cfg.reconnect_max_ms),
+        backoff: Backoff::new(
+            Duration::from_millis(cfg.reconnect_min_ms),
+            Duration::from_millis(cfg.reconnect_max_ms),
+        ),
         stop: poll_stop.clone(),
         broker: broker_name.clone(),
         clock: p.clock.clone(),

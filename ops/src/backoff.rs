@@ -1,8 +1,15 @@
-//! Exponential backoff with jitter and a cap, between connection attempts.
+//! Exponential backoff with jitter and a cap, between connection attempts (the gateway's
+//! uplink to the relay, its MQTT client to the broker).
 //!
 //! The n-th consecutive failure waits a random time in `[d/2, d]` with
-//! `d = min(backoff_min · 2ⁿ, backoff_max)`. The jitter keeps a fleet of gateways that lost
-//! the same relay from reconnecting in lockstep; the floor of `d/2` keeps the growth.
+//! `d = min(min · 2ⁿ, max)`. The jitter keeps a fleet of gateways that lost the same relay
+//! or broker from reconnecting in lockstep; the floor of `d/2` keeps the growth.
+//!
+//! The MQTT client's copy counted in whole milliseconds, stopped doubling after 2²⁰ and
+//! never waited less than 1 ms; this one (the uplink's) works in [`Duration`]s, stops
+//! doubling at 2³⁰ and raises a `max` below `min` to `min`. Both configs refuse a zero
+//! minimum (`uplink.backoff_min`, `mqtt.reconnect_min_ms`), so the 1 ms floor never
+//! applied, and with either cap reached long before 2²⁰ the delays are the same.
 
 use std::time::Duration;
 
@@ -57,6 +64,15 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_max_below_min_is_raised_to_min() {
+        let mut b = Backoff::new(Duration::from_millis(500), Duration::from_millis(100));
+        assert_eq!(b.ceiling(), Duration::from_millis(500));
+        b.next_delay();
+        assert_eq!(b.ceiling(), Duration::from_millis(500));
+        assert_eq!(b.failures(), 1);
+    }
 
     #[test]
     fn grows_jitters_and_caps() {
