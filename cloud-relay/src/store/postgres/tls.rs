@@ -388,7 +388,9 @@ mod tests {
         std::fs::write(&junk, "not a certificate\n").unwrap();
         let e = tls_client_config(PgTlsMode::VerifyFull, Some(&junk)).unwrap_err();
         assert!(e.to_string().contains("store.ca_file"), "{e}");
-        assert!(e.to_string().contains("no PEM certificate"), "{e}");
+        // The reason comes from `outpost_ops::pem`, as the error's source; logs and the
+        // 503 bodies show it through `report()`.
+        assert!(e.report().contains("no PEM certificate"), "{}", e.report());
     }
 
     #[test]
