@@ -7,6 +7,7 @@ mod uplink_support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use outpost_ops::time::now_ms;
 use outpost_tests::pki::Pki;
 use outpost_tests::relay::{Relay, StoreKind};
 use uplink_support::*;
@@ -218,13 +219,6 @@ fn adms_date(addr: std::net::SocketAddr) -> String {
         .unwrap_or_else(|| panic!("no Date header: {text}"))[5..]
         .trim()
         .to_string()
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 fn parse_ms(s: &str) -> i64 {
