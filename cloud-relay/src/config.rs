@@ -36,6 +36,8 @@ pub struct Config {
     pub limits: LimitsSection,
     /// `[log]`: logging.
     pub log: LogSection,
+    /// `[outputs]`: webhooks and NATS streams that receive every stored punch.
+    pub outputs: crate::outputs::config::OutputsSection,
 }
 
 /// `[relay]`.
@@ -309,6 +311,7 @@ impl Default for LogSection {
 impl Validate for Config {
     /// Checks values that types alone cannot.
     fn validate(&self) -> Result<(), ConfigError> {
+        self.outputs.validate()?;
         if self.relay.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::key("relay.data_dir", "must not be empty"));
         }

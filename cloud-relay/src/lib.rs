@@ -21,6 +21,7 @@ pub mod config;
 pub mod error;
 pub mod intake;
 pub mod metrics;
+pub mod outputs;
 pub mod server;
 pub mod state;
 pub mod store;
