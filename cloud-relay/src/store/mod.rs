@@ -43,6 +43,27 @@
 //!   anchor of the same boot, else unknown until such an anchor arrives, at which point
 //!   every stored record of that boot still without a corrected time gets one
 //!   ([`corrected_time`]).
+//!
+//! ## The cursor
+//!
+//! Every stored punch has a *cursor* ([`PunchRow::cursor`]), its position in commit order,
+//! and readers page through punches by it ([`PunchQuery::after`]). The guarantee every
+//! consumer (the query API, outputs, the feed) builds on: **a reader never sees a cursor
+//! while a lower one can still appear.** So a consumer that resumes after the highest
+//! cursor it has seen never misses a punch, however many commits run at once, on however
+//! many relays. A row id taken when the row is written does not give this: two commits
+//! that take ids 1–100 and 101–200 can become visible in the other order, and a reader
+//! that saw 101–200 first skips 1–100 for good. Each store assigns cursors in an order
+//! that visibility follows:
+//! - PostgreSQL (`postgres::schema`, `postgres::commit`): a position from a sequence,
+//!   taken under a transaction-scoped advisory lock that is released only after the
+//!   commit is visible;
+//! - sled (`sled`): row ids taken under the commit mutex, and readers stop at the highest
+//!   row id whose commit is durable.
+//!
+//! Cursors increase but are not contiguous (a rolled-back commit, a conflict, leaves a
+//! gap). [`Store::head`] is the highest visible cursor, and [`Store::subscribe`] wakes
+//! readers when it may have moved.
 
 pub mod postgres;
 pub mod sled;
@@ -208,7 +229,8 @@ pub struct PunchQuery {
 /// One stored punch with where and when it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PunchRow {
-    /// Position in the store's insertion order: the pagination cursor.
+    /// Position in the store's commit order: the pagination cursor (module docs, "The
+    /// cursor").
     pub cursor: u64,
     /// The site of the gateway that delivered it first.
     pub site_id: Id,
@@ -470,11 +492,39 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<RejectedRow>, StoreError>>;
 
+    /// The highest cursor that readers can see now (0 when no punch is stored). Every
+    /// punch at or below it is visible: no commit can still add one there (module docs,
+    /// "The cursor").
+    fn head(&self) -> BoxFuture<'_, Result<u64, StoreError>>;
+
+    /// A receiver that changes whenever new punches may have become visible, from any
+    /// relay (PostgreSQL: `LISTEN`/`NOTIFY` on a dedicated connection that reconnects by
+    /// itself, with a re-check of [`Store::head`] every second so that a missed
+    /// notification only delays; sled: in-process, sent after each durable commit). The
+    /// value is the highest cursor this process knows of; it is a wake-up hint, readers
+    /// always re-query after it.
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<u64>;
+
     /// Succeeds when the store can take commits now.
     fn ready(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 
-    /// Makes everything durable and releases resources; called once at shutdown.
+    /// Makes everything durable and releases resources (and stops the task behind
+    /// [`Store::subscribe`]); called once at shutdown.
     fn close(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+}
+
+/// Raises the value behind [`Store::subscribe`] to `cursor` when that is higher, waking the
+/// receivers; a lower or equal value changes nothing (notifications can arrive out of
+/// order, and the value never goes back).
+pub(crate) fn raise_head(tx: &tokio::sync::watch::Sender<u64>, cursor: u64) {
+    tx.send_if_modified(|v| {
+        if cursor > *v {
+            *v = cursor;
+            true
+        } else {
+            false
+        }
+    });
 }
 
 /// The set of stored `gateway_seq` values of one stream, as sorted, disjoint, non-adjacent

@@ -55,6 +55,26 @@
 //! damaged disk). Opening catches the panic and returns [`StoreError::Corrupt`] naming
 //! the directory and what to do ([`SledStore::open`]).
 //!
+//! ## The cursor: row ids in commit order, read up to the durable head
+//!
+//! A punch's cursor is its row id (store module docs, "The cursor"). Two things could let
+//! a reader see a row id while a lower one can still appear, and both are closed here:
+//! - *Ids taken apart from the write.* Row ids come from `generate_id` inside the commit
+//!   mutex, and the batch is applied before the mutex is released, so commits apply in id
+//!   order (a second commit in this process waits for the first).
+//! - *A batch seen half applied.* sled 0.34 applies a `sled::Batch` atomically for crash
+//!   recovery, but not for concurrent readers: an iterator takes sled's read lock for
+//!   each step and may read a leaf from before the batch and the next leaf from after it,
+//!   so a scan can see a batch's row 16 without its row 15.
+//!
+//! So readers do not read up to whatever is applied: they stop at `visible`, the highest
+//! row id of the writes known durable. A flush + sync round reads the highest applied row
+//! id before it starts (every row up to it is applied, so the round covers it) and raises
+//! `visible` to it when it succeeds; the [`Store::subscribe`] channel is raised with it.
+//! At open, `visible` is the last row on disk (the directory was synced before reading).
+//! A reader therefore sees whole batches, in id order, and only what a power cut cannot
+//! take back: a cursor a consumer has seen is never reused or retracted.
+//!
 //! Queries scan rows in row_id order and filter: fine for the embedded store's scale
 //! (use PostgreSQL for big fleets).
 
@@ -235,6 +255,13 @@ struct Inner {
     durable: tokio::sync::Mutex<u64>,
     /// Flush + sync rounds done (tests check the grouping).
     syncs: AtomicU64,
+    /// The highest row id applied (raised under `commit_lock`, before `applied`).
+    applied_head: AtomicU64,
+    /// The highest row id readers may see: every row up to it is durable (module docs,
+    /// "The cursor").
+    visible: AtomicU64,
+    /// Wakes [`Store::subscribe`] receivers with `visible`.
+    head_tx: tokio::sync::watch::Sender<u64>,
 }
 
 /// How often [`sync_store_dir`] walks the directory when a file vanished under it (sled
@@ -337,6 +364,22 @@ impl SledStore {
                 e,
             )
         })?;
+        // Everything on disk was synced above (or is new): visible from the start.
+        let last_row = no_panic(dir, || {
+            tree.range(key_u64(T_ROW, 0)..vec![T_ROW + 1])
+                .next_back()
+                .transpose()
+        })?
+        .map_err(|e| {
+            StoreError::io(
+                format!("cannot read the sled store in {}", dir.display()),
+                e,
+            )
+        })?;
+        let head = match last_row {
+            Some((k, _)) => be_u64("row key", &k[1..])?,
+            None => 0,
+        };
         if !existed {
             // A new store: its files, and its own name in the parent directory.
             db.flush().map_err(io)?;
@@ -353,6 +396,9 @@ impl SledStore {
                 applied: AtomicU64::new(0),
                 durable: tokio::sync::Mutex::new(0),
                 syncs: AtomicU64::new(0),
+                applied_head: AtomicU64::new(head),
+                visible: AtomicU64::new(head),
+                head_tx: tokio::sync::watch::Sender::new(head),
             }),
         })
     }
@@ -366,8 +412,11 @@ impl SledStore {
         if !force && *durable >= generation {
             return Ok(());
         }
-        // Every write up to `target` was applied before this flush starts, so it covers them.
+        // Every write up to `target` was applied before this flush starts, so it covers them;
+        // `head` is read after `target` and each commit raises it before `applied`, so
+        // it covers at least the rows of those writes (module docs, "The cursor").
         let target = self.inner.applied.load(Ordering::SeqCst);
+        let head = self.inner.applied_head.load(Ordering::SeqCst);
         self.inner.db.flush_async().await.map_err(io)?;
         let dir = self.inner.dir.clone();
         tokio::task::spawn_blocking(move || sync_store_dir(&dir))
@@ -375,6 +424,8 @@ impl SledStore {
             .map_err(|e| StoreError::io("store sync task failed", e))??;
         self.inner.syncs.fetch_add(1, Ordering::Relaxed);
         *durable = (*durable).max(target);
+        self.inner.visible.fetch_max(head, Ordering::SeqCst);
+        super::raise_head(&self.inner.head_tx, head);
         Ok(())
     }
 
@@ -596,15 +647,23 @@ impl Inner {
         if !reused.is_empty() {
             super::warn_seq_reuse(gw, batch.journal_epoch, &reused);
         }
+        // Before `applied`: a round that sees this generation sees these rows (module docs).
+        if let Some(&(id, _)) = fresh.values().max_by_key(|(id, _)| *id) {
+            self.applied_head.fetch_max(id, Ordering::SeqCst);
+        }
         let generation = self.applied.fetch_add(1, Ordering::SeqCst) + 1;
         Ok((out, generation))
     }
 
     fn punches(&self, q: &PunchQuery) -> Result<PunchPage, StoreError> {
         let start = key_u64(T_ROW, q.after.map_or(0, |a| a.saturating_add(1)));
-        let end = [T_ROW + 1];
+        // Never past the durable head (module docs, "The cursor").
+        let end = key_u64(T_ROW, self.visible.load(Ordering::SeqCst));
         let mut page = PunchPage::default();
-        for item in self.tree.range(start..end[..].to_vec()) {
+        if start > end {
+            return Ok(page);
+        }
+        for item in self.tree.range(start..=end) {
             let (k, v) = item.map_err(io)?;
             let id = be_u64("row key", &k[1..])?;
             let row: StoredRow = dec("punch row", &v)?;
@@ -751,6 +810,15 @@ impl Store for SledStore {
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<RejectedRow>, StoreError>> {
         Box::pin(self.blocking(move |i| i.rejected(after, limit)))
+    }
+
+    fn head(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        let head = self.inner.visible.load(Ordering::SeqCst);
+        Box::pin(async move { Ok(head) })
+    }
+
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.head_tx.subscribe()
     }
 
     fn ready(&self) -> BoxFuture<'_, Result<(), StoreError>> {

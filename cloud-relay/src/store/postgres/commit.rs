@@ -21,6 +21,29 @@
 //! 5. insert conflicts and rejected records ([`insert_held`]); write the new ranges; bump
 //!    the gateway counters ([`save_stream_and_counters`]); commit.
 //!
+//! ## Positions (the query cursor)
+//!
+//! A new punch's `pos` (store module docs, "The cursor") comes from `punches_pos_seq`,
+//! in the punch insert of step 4, and only while the transaction holds the advisory lock
+//! [`POS_LOCK`] (`pg_advisory_xact_lock`). PostgreSQL releases a transaction's locks only
+//! after its commit is visible to new snapshots, so the next commit takes its positions
+//! after this one's are visible: positions become visible in order, and a reader that has
+//! seen `pos` P never later finds a new row below P. A rolled-back commit leaves a gap,
+//! nothing else. Commits that store no new punch (resends, duplicates) skip the lock.
+//!
+//! The lock is taken as late as possible (it is held through COMMIT, so it bounds how
+//! many commits can store new punches at once), but before the first statement that
+//! could wait for another commit holding it: the punch insert, or, in a batch with
+//! anchors, the corrected-time update of step 2, whose row locks a punch insert under
+//! the lock could wait for (a unique-index check waits for a row being updated). Before
+//! the lock a commit holds only its stream's row and its anchors, which no commit
+//! holding the lock waits for (a commit of the same stream is still blocked in step 1),
+//! so the lock adds no deadlock.
+//!
+//! The same transaction sends `NOTIFY outpost_punches` with its highest new `pos`
+//! (`pg_notify`), delivered to the listeners of every relay only if it commits
+//! (`listen`).
+//!
 //! A failure anywhere rolls the whole batch back: nothing is acked, the gateway resends.
 //! Deadlocks and serialisation failures (two gateways inserting the same punches in
 //! different orders at the same moment) are retried a few times ([`RETRIES`]).
@@ -34,7 +57,10 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
 use super::error::{corrupt, pg_err, pool_err};
-use super::schema::{bulk_insert_sql, row_to_record, Columns, RECORD_COLS};
+use super::schema::{
+    bulk_insert_sql, punch_insert_sql, row_to_record, Columns, NOTIFY_CHANNEL, POS_LOCK,
+    RECORD_COLS,
+};
 use crate::store::{
     best_anchors, corrected_time, invalid_reason, warn_seq_reuse, CommitOutcome, SeqRanges,
     StoreError, MAX_RANGES,
@@ -43,12 +69,13 @@ use crate::store::{
 /// How often a commit is retried after a deadlock or serialisation failure.
 const RETRIES: usize = 5;
 
-/// Commits `batch` whole, retrying after deadlocks and serialisation failures.
+/// Commits `batch` whole, retrying after deadlocks and serialisation failures. Returns the
+/// outcome and the highest `pos` it stored (`None` when it stored no punch).
 pub(super) async fn commit(
     pool: &Pool,
     batch: &Batch,
     now_ms: i64,
-) -> Result<CommitOutcome, StoreError> {
+) -> Result<(CommitOutcome, Option<u64>), StoreError> {
     let mut last = None;
     for attempt in 0..RETRIES {
         match commit_once(pool, batch, now_ms).await {
@@ -108,8 +135,32 @@ impl Stream<'_> {
     }
 }
 
+/// Whether this transaction holds [`POS_LOCK`] (module docs, "Positions").
+#[derive(Default)]
+struct PosLock {
+    held: bool,
+}
+
+impl PosLock {
+    /// Takes the lock unless held; it is released when the transaction ends.
+    async fn take(&mut self, tx: &Transaction<'_>) -> Result<(), Attempt> {
+        if !self.held {
+            let st = tx
+                .prepare_cached("SELECT pg_advisory_xact_lock($1)")
+                .await?;
+            tx.execute(&st, &[&POS_LOCK]).await?;
+            self.held = true;
+        }
+        Ok(())
+    }
+}
+
 /// One attempt: the five steps of the module docs in one transaction.
-async fn commit_once(pool: &Pool, batch: &Batch, now_ms: i64) -> Result<CommitOutcome, Attempt> {
+async fn commit_once(
+    pool: &Pool,
+    batch: &Batch,
+    now_ms: i64,
+) -> Result<(CommitOutcome, Option<u64>), Attempt> {
     let mut client = pool.get().await.map_err(|e| Attempt::Fatal(pool_err(e)))?;
     let tx = client.transaction().await?;
     let stream = Stream {
@@ -119,11 +170,15 @@ async fn commit_once(pool: &Pool, batch: &Batch, now_ms: i64) -> Result<CommitOu
         now_ms,
     };
     let mut out = CommitOutcome::default();
+    let mut pos_lock = PosLock::default();
 
     // 1. Lock the stream.
     let mut ranges = lock_stream(&tx, &stream).await?;
 
-    // 2. Anchors.
+    // 2. Anchors (after the position lock when they may update punches: module docs).
+    if !batch.anchors.is_empty() {
+        pos_lock.take(&tx).await?;
+    }
     out.corrected_later = save_anchors(&tx, stream.gw, batch).await?;
     let anchors = anchors_for(&tx, stream.gw, batch).await?;
 
@@ -135,19 +190,22 @@ async fn commit_once(pool: &Pool, batch: &Batch, now_ms: i64) -> Result<CommitOu
     out.duplicates += sorted.resent;
     out.rejected = sorted.reasons.len() as u32;
     let unique = first_per_punch_key(&sorted.candidates);
-    let kept = insert_punches(&tx, &stream, &unique, &anchors).await?;
+    if !unique.is_empty() {
+        pos_lock.take(&tx).await?;
+    }
+    let (kept, max_pos) = insert_punches(&tx, &stream, &unique, &anchors).await?;
     let tallied = tally(&sorted.candidates, &kept, &reused, &mut out)?;
 
     // 5. Conflicts, ranges, counters.
     insert_held(&tx, &stream, &tallied.conflicts, &sorted).await?;
     extend_ranges(&mut ranges, batch)?;
     out.acked_through = ranges.watermark();
-    save_stream_and_counters(&tx, &stream, &ranges, &out).await?;
+    save_stream_and_counters(&tx, &stream, &ranges, &out, max_pos).await?;
     tx.commit().await?;
     if !tallied.reused_stored.is_empty() {
         warn_seq_reuse(stream.gw, batch.journal_epoch, &tallied.reused_stored);
     }
-    Ok(out)
+    Ok((out, max_pos.map(|p| p as u64)))
 }
 
 /// Step 1: creates the stream's row if needed and locks it until the transaction ends;
@@ -362,26 +420,28 @@ struct Kept {
 /// A punch key, borrowing the device id from the batch.
 type PunchKey<'a> = (&'a str, u64);
 
-/// Step 4c: inserts `unique` where its punch key is new, and reads back the stored punch
-/// of every key that was not inserted.
+/// Step 4c: inserts `unique` where its punch key is new, each with the next position (the
+/// caller holds [`POS_LOCK`]), and reads back the stored punch of every key that was not
+/// inserted. Returns them and the highest position inserted.
 async fn insert_punches<'a>(
     tx: &Transaction<'_>,
     stream: &Stream<'_>,
     unique: &[&'a Record],
     anchors: &HashMap<BootId, TimeAnchor>,
-) -> Result<HashMap<PunchKey<'a>, Kept>, Attempt> {
+) -> Result<(HashMap<PunchKey<'a>, Kept>, Option<i64>), Attempt> {
     let mut kept: HashMap<PunchKey<'a>, Kept> = HashMap::new();
+    let mut max_pos: Option<i64> = None;
     if unique.is_empty() {
-        return Ok(kept);
+        return Ok((kept, max_pos));
     }
     let mut cols = Columns::default();
     for r in unique {
         let corrected = corrected_time(&r.received, anchors.get(&r.received.boot_id));
         cols.push(r, corrected);
     }
-    let sql = bulk_insert_sql("punches", "corrected_ms", "bigint")
+    let sql = punch_insert_sql()
         + " ON CONFLICT (site_id, device_id, device_seq) DO NOTHING \
-           RETURNING id, device_seq, gateway_seq";
+           RETURNING id, device_seq, gateway_seq, pos";
     let st = tx.prepare_cached(&sql).await?;
     let rows = tx
         .query(&st, &cols.params(stream.params(), &cols.extra))
@@ -389,6 +449,8 @@ async fn insert_punches<'a>(
     let by_seq: HashMap<u64, &Record> = unique.iter().map(|r| (r.gateway_seq, *r)).collect();
     for row in rows {
         let gseq = row.try_get::<_, i64>(2)? as u64;
+        let pos: i64 = row.try_get(3)?;
+        max_pos = Some(max_pos.map_or(pos, |m| m.max(pos)));
         if let Some(r) = by_seq.get(&gseq) {
             kept.insert(
                 (r.punch.device_id.as_str(), r.punch.device_seq),
@@ -406,7 +468,7 @@ async fn insert_punches<'a>(
         .copied()
         .collect();
     if missing.is_empty() {
-        return Ok(kept);
+        return Ok((kept, max_pos));
     }
     let devs: Vec<&str> = missing.iter().map(|r| r.punch.device_id.as_str()).collect();
     let seqs: Vec<i64> = missing.iter().map(|r| r.punch.device_seq as i64).collect();
@@ -431,7 +493,7 @@ async fn insert_punches<'a>(
             );
         }
     }
-    Ok(kept)
+    Ok((kept, max_pos))
 }
 
 /// What step 4d found besides the counts.
@@ -520,13 +582,15 @@ fn extend_ranges(ranges: &mut SeqRanges, batch: &Batch) -> Result<(), Attempt> {
     Ok(())
 }
 
-/// Step 5c: writes the stream's ranges and adds `out` to the gateway's counters, both
-/// statements pipelined on the one connection.
+/// Step 5c: writes the stream's ranges, adds `out` to the gateway's counters and, when
+/// the batch stored punches, notifies [`NOTIFY_CHANNEL`] with `max_pos` (delivered on
+/// commit); the statements are pipelined on the one connection.
 async fn save_stream_and_counters(
     tx: &Transaction<'_>,
     stream: &Stream<'_>,
     ranges: &SeqRanges,
     out: &CommitOutcome,
+    max_pos: Option<i64>,
 ) -> Result<(), Attempt> {
     let flat: Vec<i64> = ranges.to_flat().into_iter().map(|v| v as i64).collect();
     let st_ranges = tx
@@ -561,8 +625,19 @@ async fn save_stream_and_counters(
         epoch,
         now_ms,
     } = stream;
-    // Both statements are pipelined on the one connection.
-    futures_util::future::try_join(
+    let notify = async {
+        match max_pos {
+            Some(pos) => {
+                let st = tx.prepare_cached("SELECT pg_notify($1, $2)").await?;
+                tx.execute(&st, &[&NOTIFY_CHANNEL, &pos.to_string()])
+                    .await?;
+                Ok(())
+            }
+            None => Ok::<(), tokio_postgres::Error>(()),
+        }
+    };
+    // The statements are pipelined on the one connection.
+    futures_util::future::try_join3(
         tx.execute(&st_ranges, &[gw, epoch, &flat]),
         tx.execute(
             &st_gw,
@@ -570,6 +645,7 @@ async fn save_stream_and_counters(
                 gw, site, now_ms, epoch, &stored, &dups, &confl, &rej, &reuse,
             ],
         ),
+        notify,
     )
     .await?;
     Ok(())

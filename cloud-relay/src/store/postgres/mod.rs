@@ -4,6 +4,7 @@
 //! - `tls`: the TLS mode in force and the rustls client for it.
 //! - `commit`: one batch, one transaction, a fixed number of round trips.
 //! - `query`: the query API's reads.
+//! - `listen`: the `LISTEN` task behind [`Store::subscribe`], on its own connection.
 //! - `error`: how PostgreSQL failures become [`StoreError`]s.
 //!
 //! This file holds the store type: connecting (pool, TLS, migrations) and the [`Store`]
@@ -13,18 +14,25 @@
 //! A failure anywhere in a commit rolls the whole batch back: nothing is acked, the gateway
 //! resends. A lost connection (database restart) returns [`StoreError::Unavailable`]; the
 //! pool reconnects on the next commit.
+//!
+//! Besides the pool, the store holds one connection of its own, the listener's (`listen`):
+//! a relay uses up to `store.max_connections` + 1 connections.
 
 mod commit;
 mod error;
+mod listen;
 mod query;
 mod schema;
 mod tls;
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadpool_postgres::{ManagerConfig, Pool, PoolConfig, RecyclingMethod, Runtime, Timeouts};
 use outpost_protocol::Batch;
+use tokio::sync::watch;
 use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
 
 pub use schema::MIGRATIONS;
 pub use tls::PgTls;
@@ -36,10 +44,17 @@ use super::{
 use crate::config::PgTlsMode;
 use tls::{connect_err, resolve_tls, tls_connector};
 
-/// The PostgreSQL store. Cheap to clone.
+/// The PostgreSQL store. Cheap to clone (clones share the pool and the listener).
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    /// The value behind [`Store::subscribe`]: raised by the listener and by this process's
+    /// own commits.
+    head: Arc<watch::Sender<u64>>,
+    /// Stops the listener ([`Store::close`]).
+    cancel: CancellationToken,
+    /// The listener task, awaited by [`Store::close`].
+    listener: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 impl PgStore {
@@ -81,8 +96,11 @@ impl PgStore {
             recycle: Some(Duration::from_secs(5)),
         };
         cfg.pool = Some(pc);
+        let listen_config = cfg
+            .get_pg_config()
+            .map_err(|e| StoreError::unavailable("store.url is not usable", e))?;
         // The connector types differ, the pool type does not.
-        let pool = match connector {
+        let pool = match connector.clone() {
             None => cfg.create_pool(Some(Runtime::Tokio1), NoTls),
             Some(rustls) => cfg.create_pool(Some(Runtime::Tokio1), rustls),
         }
@@ -91,9 +109,23 @@ impl PgStore {
         // key to change rather than as a generic pool error from the migration.
         drop(pool.get().await.map_err(|e| connect_err(e, mode))?);
         tracing::info!(tls = %mode, "connected to PostgreSQL");
-        let store = PgStore { pool };
-        schema::migrate(&store.pool).await?;
-        Ok(store)
+        schema::migrate(&pool).await?;
+        let head = Arc::new(watch::Sender::new(query::head(&pool).await?));
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(listen::run(
+            listen::Connect {
+                config: listen_config,
+                tls: connector,
+            },
+            (*head).clone(),
+            cancel.clone(),
+        ));
+        Ok(PgStore {
+            pool,
+            head,
+            cancel,
+            listener: Arc::new(Mutex::new(Some(task))),
+        })
     }
 
     /// Checks `store.tls` and `store.ca_file` for `url` without connecting (for
@@ -115,7 +147,14 @@ impl Store for PgStore {
         batch: Batch,
         now_ms: i64,
     ) -> BoxFuture<'_, Result<CommitOutcome, StoreError>> {
-        Box::pin(async move { commit::commit(&self.pool, &batch, now_ms).await })
+        Box::pin(async move {
+            let (out, max_pos) = commit::commit(&self.pool, &batch, now_ms).await?;
+            if let Some(pos) = max_pos {
+                // This process's readers need not wait for the notification's round trip.
+                super::raise_head(&self.head, pos);
+            }
+            Ok(out)
+        })
     }
 
     fn punches(&self, query: PunchQuery) -> BoxFuture<'_, Result<PunchPage, StoreError>> {
@@ -142,12 +181,33 @@ impl Store for PgStore {
         Box::pin(query::rejected(&self.pool, after, limit))
     }
 
+    fn head(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(query::head(&self.pool))
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+
     fn ready(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(query::ready(&self.pool))
     }
 
     fn close(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
+            self.cancel.cancel();
+            let task = self
+                .listener
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(task) = task {
+                // It returns at its next await point; a panic in it is no reason to fail
+                // the shutdown.
+                if let Err(e) = task.await {
+                    tracing::warn!(error = %e, "PostgreSQL notification listener ended badly");
+                }
+            }
             self.pool.close();
             Ok(())
         })

@@ -2,7 +2,9 @@
 //! readiness.
 //!
 //! Reads take a pooled connection each and no lock: they see committed batches only, so a
-//! page never shows half a batch.
+//! page never shows half a batch. Pages of punches go by `pos`, which commits make
+//! visible in order (`commit` module docs, "Positions"): one statement's snapshot holds
+//! every punch up to the highest `pos` it sees, so paging after it never skips one.
 
 use deadpool_postgres::Pool;
 use tokio_postgres::types::ToSql;
@@ -14,11 +16,11 @@ use crate::store::{
     ConflictRow, GatewayInfo, PunchPage, PunchQuery, PunchRow, RejectedRow, SeqRanges, StoreError,
 };
 
-/// One page of punches matching `q`, by cursor (`id`).
+/// One page of punches matching `q`, by cursor (`pos`).
 pub(super) async fn punches(pool: &Pool, q: &PunchQuery) -> Result<PunchPage, StoreError> {
     let client = pool.get().await.map_err(pool_err)?;
     type Param = Box<dyn ToSql + Sync + Send>;
-    let mut sql = format!("SELECT id, {RECORD_COLS}, corrected_ms FROM punches WHERE id > $1");
+    let mut sql = format!("SELECT pos, {RECORD_COLS}, corrected_ms FROM punches WHERE pos > $1");
     let after = q.after.map_or(0, |a| a.min(i64::MAX as u64) as i64);
     let mut params: Vec<Param> = vec![Box::new(after)];
     let mut cond = |sql: &mut String, c: &str, v: Param| {
@@ -41,7 +43,7 @@ pub(super) async fn punches(pool: &Pool, q: &PunchQuery) -> Result<PunchPage, St
         cond(&mut sql, "device_time_ms <", Box::new(v));
     }
     params.push(Box::new((q.limit as i64).saturating_add(1)));
-    sql.push_str(&format!(" ORDER BY id LIMIT ${}", params.len()));
+    sql.push_str(&format!(" ORDER BY pos LIMIT ${}", params.len()));
     let params: Vec<&(dyn ToSql + Sync)> = params
         .iter()
         .map(|p| p.as_ref() as &(dyn ToSql + Sync))
@@ -65,6 +67,16 @@ pub(super) async fn punches(pool: &Pool, q: &PunchQuery) -> Result<PunchPage, St
         });
     }
     Ok(page)
+}
+
+/// The highest visible `pos`, 0 when no punch is stored (the unique index's last entry).
+pub(super) const HEAD_SQL: &str = "SELECT coalesce(max(pos), 0) FROM punches";
+
+/// The highest visible cursor.
+pub(super) async fn head(pool: &Pool) -> Result<u64, StoreError> {
+    let client = pool.get().await.map_err(pool_err)?;
+    let row = client.query_one(HEAD_SQL, &[]).await.map_err(pg_err)?;
+    Ok(row.try_get::<_, i64>(0).map_err(pg_err)? as u64)
 }
 
 /// Every gateway with its counters and the watermark of its current stream.
@@ -107,20 +119,28 @@ pub(super) async fn gateways(pool: &Pool) -> Result<Vec<GatewayInfo>, StoreError
 
 /// Rows of a table of held records (`conflicts`, `rejected`) after `after`, oldest
 /// first: `(id, site, gateway, epoch, record, stored_at, the row)`, the row for the
-/// table's own column `extra_col` (column 18).
+/// table's own column `extra_col` (column 18, an expression over the table's columns,
+/// which may name other tables through `join`).
 async fn held(
     pool: &Pool,
     table: &str,
     extra_col: &str,
+    join: &str,
     after: Option<u64>,
     limit: usize,
 ) -> Result<Vec<(u64, HeldRecord, Row)>, StoreError> {
     let client = pool.get().await.map_err(pool_err)?;
     let after = after.map_or(0, |a| a.min(i64::MAX as u64) as i64);
+    let cols = RECORD_COLS
+        .split(", ")
+        .map(|c| format!("h.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ");
     let rows = client
         .query(
             &format!(
-                "SELECT id, {RECORD_COLS}, {extra_col} FROM {table} WHERE id > $1 ORDER BY id LIMIT $2"
+                "SELECT h.id, {cols}, {extra_col} FROM {table} h {join} WHERE h.id > $1 \
+                 ORDER BY h.id LIMIT $2"
             ),
             &[&after, &(limit as i64)],
         )
@@ -140,7 +160,16 @@ pub(super) async fn conflicts(
     after: Option<u64>,
     limit: usize,
 ) -> Result<Vec<ConflictRow>, StoreError> {
-    let rows = held(pool, "conflicts", "kept_id", after, limit).await?;
+    // The kept punch's cursor is its `pos` (the table keeps its `id`).
+    let rows = held(
+        pool,
+        "conflicts",
+        "p.pos",
+        "JOIN punches p ON p.id = h.kept_id",
+        after,
+        limit,
+    )
+    .await?;
     rows.into_iter()
         .map(
             |(id, (site_id, gateway_id, journal_epoch, record, stored_at_ms), row)| {
@@ -164,7 +193,7 @@ pub(super) async fn rejected(
     after: Option<u64>,
     limit: usize,
 ) -> Result<Vec<RejectedRow>, StoreError> {
-    let rows = held(pool, "rejected", "reason", after, limit).await?;
+    let rows = held(pool, "rejected", "h.reason", "", after, limit).await?;
     rows.into_iter()
         .map(
             |(id, (site_id, gateway_id, journal_epoch, record, stored_at_ms), row)| {

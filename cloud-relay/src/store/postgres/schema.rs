@@ -4,8 +4,14 @@
 //!
 //! - `punches`: one row per punch key `(site_id, device_id, device_seq)` (unique), with the
 //!   stream that delivered it first, the record's fields, `stored_at_ms` and
-//!   `corrected_ms`. `id` (identity) is the query cursor.
-//! - `conflicts`: newcomers whose punch key matched different content, with `kept_id`.
+//!   `corrected_ms`. `id` (identity) is the row's identity; `pos` (migration 4, unique)
+//!   is the query cursor: its position in commit order, from the sequence
+//!   `punches_pos_seq`, taken only under the advisory lock [`POS_LOCK`] (see
+//!   `commit`). Rows stored before migration 4 keep their `id` as `pos`. The site and
+//!   subject indexes are on `(site_id, pos)` and `(subject_id, pos)`, the query API's
+//!   filtered pages.
+//! - `conflicts`: newcomers whose punch key matched different content, with `kept_id`
+//!   (the kept punch's `id`; the query API joins it to that punch's `pos`).
 //! - `rejected` (migration 2): records whose punch failed validation, with the `reason`.
 //! - `streams`: per `(gateway_id, journal_epoch)`, the stored gateway_seq ranges, flat
 //!   (`[lo0, hi0, lo1, hi1, …]`). This is the primary-key index: a record whose seq is in a
@@ -130,7 +136,28 @@ ALTER TABLE gateways ADD COLUMN rejected bigint NOT NULL DEFAULT 0;
     r#"
 ALTER TABLE gateways ADD COLUMN seq_reuse bigint NOT NULL DEFAULT 0;
 "#,
+    // 4: the cursor is a position in commit order (store module docs, "The cursor").
+    r#"
+ALTER TABLE punches ADD COLUMN pos bigint;
+UPDATE punches SET pos = id;
+ALTER TABLE punches ALTER COLUMN pos SET NOT NULL;
+CREATE UNIQUE INDEX punches_pos ON punches (pos);
+DROP INDEX punches_site_id;
+DROP INDEX punches_subject_id;
+CREATE INDEX punches_site_pos ON punches (site_id, pos);
+CREATE INDEX punches_subject_pos ON punches (subject_id, pos);
+CREATE SEQUENCE punches_pos_seq AS bigint;
+SELECT setval('punches_pos_seq', (SELECT coalesce(max(pos), 0) + 1 FROM punches), false);
+"#,
 ];
+
+/// Advisory lock key under which commits take positions from `punches_pos_seq` and hold
+/// them until their commit is visible (`commit` module docs, "Positions").
+pub(super) const POS_LOCK: i64 = 0x6f75_7470_6f73_7432;
+
+/// The channel commits `NOTIFY` with their highest new position (as decimal text), and
+/// the store's listener `LISTEN`s on.
+pub(super) const NOTIFY_CHANNEL: &str = "outpost_punches";
 
 /// Advisory lock key that serialises migrations of relays starting together.
 const MIGRATION_LOCK: i64 = 0x6f75_7470_6f73_7431;
@@ -320,11 +347,33 @@ impl<'a> Columns<'a> {
 /// stream's site, gateway, epoch and `stored_at_ms`, the record columns, and `last_col`
 /// (SQL type `last_type`). Parameters from [`Columns::params`].
 pub(super) fn bulk_insert_sql(table: &str, last_col: &str, last_type: &str) -> String {
+    insert_sql(table, "", "", last_col, last_type)
+}
+
+/// [`bulk_insert_sql`] for `punches`: each row also gets the next `pos` from
+/// `punches_pos_seq`, in array order (the caller holds [`POS_LOCK`]).
+pub(super) fn punch_insert_sql() -> String {
+    insert_sql(
+        "punches",
+        "pos, ",
+        "nextval('punches_pos_seq'), ",
+        "corrected_ms",
+        "bigint",
+    )
+}
+
+fn insert_sql(
+    table: &str,
+    lead_col: &str,
+    lead_val: &str,
+    last_col: &str,
+    last_type: &str,
+) -> String {
     format!(
-        "INSERT INTO {table} (site_id, gateway_id, journal_epoch, stored_at_ms, \
+        "INSERT INTO {table} ({lead_col}site_id, gateway_id, journal_epoch, stored_at_ms, \
          device_id, device_seq, subject_id, kind, verify, device_time_ms, utc_offset_min, \
          gateway_seq, boot_id, mono_ms, wall_ms, clock_synced, source, {last_col}) \
-         SELECT $1, $2, $3, $4, * FROM UNNEST($5::text[], $6::bigint[], $7::text[], \
+         SELECT {lead_val}$1, $2, $3, $4, * FROM UNNEST($5::text[], $6::bigint[], $7::text[], \
          $8::smallint[], $9::smallint[], $10::bigint[], $11::smallint[], $12::bigint[], \
          $13::bytea[], $14::bigint[], $15::bigint[], $16::boolean[], $17::smallint[], \
          $18::{last_type}[])"
