@@ -570,3 +570,260 @@ async fn postgres_store_conformance() {
     store.close().await.unwrap();
     tokio::task::spawn_blocking(move || drop(pg)).await.unwrap();
 }
+
+/// A punch key as a reader sees it: (device, device_seq).
+type Key = (String, u64);
+
+/// The cursor never skips, in one process: `gateways` gateways commit concurrently, two
+/// batches in flight each, for `run_for`, while a reader pages site `NS` from the cursor
+/// it reached. The reader sees every punch exactly once, with increasing cursors, and
+/// `head()` is never behind what it saw.
+async fn cursor_never_skips(store: std::sync::Arc<dyn Store>, run_for: std::time::Duration) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const N: u64 = 25;
+    let deadline = std::time::Instant::now() + run_for;
+    let mut writers = Vec::new();
+    for g in 0..4u64 {
+        // Two tasks per gateway, taking alternate batches of its one stream.
+        for lane in 0..2u64 {
+            let store = store.clone();
+            writers.push(tokio::spawn(async move {
+                let mut sent: Vec<Key> = Vec::new();
+                let mut i = lane;
+                while std::time::Instant::now() < deadline {
+                    let first = 1 + i * N;
+                    let ps: Vec<_> = (first..first + N)
+                        .map(|n| punch(&format!("ns-dev-{g}"), n, "EMP-1", n as i64))
+                        .collect();
+                    sent.extend(ps.iter().map(|p| (p.device_id.to_string(), p.device_seq)));
+                    let out = store
+                        .commit(batch(&format!("ns-{g}"), "NS", 1, records(&ps, first)), NOW)
+                        .await
+                        .unwrap();
+                    assert_eq!(out.stored as u64, N);
+                    i += 2;
+                }
+                sent
+            }));
+        }
+    }
+    let done = std::sync::Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (store, done) = (store.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut seen: Vec<Key> = Vec::new();
+            let mut cursor = 0u64;
+            let mut pages = 0u64;
+            loop {
+                let finished = done.load(Ordering::SeqCst);
+                let page = store
+                    .punches(PunchQuery {
+                        site: Some("NS".into()),
+                        after: Some(cursor),
+                        ..q(37)
+                    })
+                    .await
+                    .unwrap();
+                pages += 1;
+                let empty = page.items.is_empty();
+                for row in page.items {
+                    assert!(row.cursor > cursor, "{} after {cursor}", row.cursor);
+                    cursor = row.cursor;
+                    let p = row.record.punch;
+                    seen.push((p.device_id.to_string(), p.device_seq));
+                }
+                assert!(store.head().await.unwrap() >= cursor, "head behind a read");
+                if empty && finished {
+                    return (seen, pages);
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let mut sent: Vec<Key> = Vec::new();
+    for w in writers {
+        sent.extend(w.await.unwrap());
+    }
+    done.store(true, Ordering::SeqCst);
+    let (seen, pages) = reader.await.unwrap();
+    let sent_set: std::collections::BTreeSet<Key> = sent.iter().cloned().collect();
+    let seen_set: std::collections::BTreeSet<Key> = seen.iter().cloned().collect();
+    assert_eq!(seen_set.len(), seen.len(), "no punch seen twice");
+    let missed = sent_set.difference(&seen_set).count();
+    assert_eq!(missed, 0, "missed {missed} of {} punches", sent.len());
+    assert_eq!(seen_set, sent_set);
+    assert!(
+        pages > 10,
+        "the reader paged during the commits ({pages} pages)"
+    );
+    eprintln!(
+        "{}: {} punches, {pages} pages, none skipped",
+        store.kind(),
+        sent.len()
+    );
+}
+
+/// `head()` and `subscribe()` on one store object: a commit raises both, to the highest
+/// cursor a reader sees.
+async fn head_follows_commits(store: &dyn Store) {
+    let mut rx = store.subscribe();
+    let before = store.head().await.unwrap();
+    assert_eq!(*rx.borrow_and_update(), before);
+    let out = store
+        .commit(
+            batch("hd-1", "HD", 1, records(&punches(70_001..=70_020), 1)),
+            NOW,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.stored, 20);
+    tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        rx.wait_for(|h| *h > before),
+    )
+    .await
+    .expect("woken within a second")
+    .unwrap();
+    let head = store.head().await.unwrap();
+    let last = all_punches(store, q(1000)).await.last().unwrap().cursor;
+    assert_eq!((head, *rx.borrow()), (last, last));
+    // A resend stores nothing: the head stays.
+    store
+        .commit(
+            batch("hd-1", "HD", 1, records(&punches(70_001..=70_020), 1)),
+            NOW,
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.head().await.unwrap(), head);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sled_cursor_never_skips_and_head_follows() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(&dir.path().join("store"), 16 << 20).unwrap();
+    assert_eq!(store.head().await.unwrap(), 0);
+    head_follows_commits(&store).await;
+    cursor_never_skips(
+        std::sync::Arc::new(store.clone()),
+        std::time::Duration::from_secs(5),
+    )
+    .await;
+    let head = store.head().await.unwrap();
+    store.close().await.unwrap();
+    drop(store);
+    // Reopened: everything on disk is visible at once.
+    let store = SledStore::open(&dir.path().join("store"), 16 << 20).unwrap();
+    assert_eq!(store.head().await.unwrap(), head);
+    assert_eq!(*store.subscribe().borrow(), head);
+}
+
+/// Listener sessions of the store's `LISTEN` task, as PostgreSQL sees them.
+fn listeners(pg: &PgServer) -> usize {
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{}'",
+        outpost_relay::store::postgres::LISTENER_APPLICATION_NAME
+    );
+    pg.psql("postgres", &sql).unwrap().parse().unwrap()
+}
+
+/// Waits up to `within` for `rx` to exceed `above`.
+async fn woken(
+    rx: &mut tokio::sync::watch::Receiver<u64>,
+    above: u64,
+    within: std::time::Duration,
+) {
+    let ok = matches!(
+        tokio::time::timeout(within, rx.wait_for(|h| *h > above)).await,
+        Ok(Ok(_))
+    );
+    assert!(ok, "not woken within {within:?} (value {})", *rx.borrow());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_cursor_never_skips_and_commits_wake_other_relays() {
+    let pg = tokio::task::spawn_blocking(|| PgServer::start_with(false))
+        .await
+        .unwrap()
+        .expect("start a private PostgreSQL");
+    // Relay A's and relay B's stores on one database.
+    let a = PgStore::connect(&pg.url(), 8).await.unwrap();
+    let b = PgStore::connect(&pg.url(), 4).await.unwrap();
+    assert_eq!(a.head().await.unwrap(), 0);
+    head_follows_commits(&a).await;
+
+    // A commit through A wakes B's subscriber, by NOTIFY, within a second.
+    let mut rx = b.subscribe();
+    let before = *rx.borrow_and_update();
+    a.commit(
+        batch("hd-2", "HD", 1, records(&punches(80_001..=80_010), 1)),
+        NOW,
+    )
+    .await
+    .unwrap();
+    let head = a.head().await.unwrap();
+    assert!(head > before);
+    woken(&mut rx, before, std::time::Duration::from_secs(1)).await;
+    assert_eq!(*rx.borrow(), head);
+    assert_eq!(b.head().await.unwrap(), head);
+
+    // The listeners' connections are killed: they reconnect by themselves, and B still
+    // learns of A's next commit.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while listeners(&pg) != 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "two listeners connect"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let killed = pg
+        .psql(
+            "postgres",
+            &format!(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE application_name = '{}'",
+                outpost_relay::store::postgres::LISTENER_APPLICATION_NAME
+            ),
+        )
+        .unwrap();
+    assert_eq!(killed, "2");
+    a.commit(
+        batch("hd-2", "HD", 1, records(&punches(80_011..=80_020), 11)),
+        NOW,
+    )
+    .await
+    .unwrap();
+    let head = a.head().await.unwrap();
+    let seen = *rx.borrow();
+    woken(&mut rx, seen, std::time::Duration::from_secs(3)).await;
+    assert_eq!(*rx.borrow(), head);
+    while listeners(&pg) != 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "both listeners reconnect"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    // The cursor never skips with many concurrent commits on the pool.
+    cursor_never_skips(
+        std::sync::Arc::new(a.clone()),
+        std::time::Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(b.head().await.unwrap(), a.head().await.unwrap());
+
+    // close() stops the listener.
+    b.close().await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while listeners(&pg) != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B's listener stops on close"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    a.close().await.unwrap();
+    tokio::task::spawn_blocking(move || drop(pg)).await.unwrap();
+}

@@ -251,9 +251,11 @@ impl PunchRow {
     /// `gateway_id`, `gateway_seq`, `received_at` (gateway wall clock), `corrected_time`
     /// (null until known), `clock_synced`, `device_skew_ms` (device time minus corrected
     /// time), `device_clock_suspect` (skew over [`SUSPECT_SKEW_MS`]), `source`,
-    /// `journal_epoch` and `stored_at`.
+    /// `journal_epoch`, `stored_at` and `cursor` (a decimal string, like `next_cursor`:
+    /// a consumer that reached the last page resumes after its last item's).
     pub fn to_json(&self) -> Map<String, Value> {
         let mut m = punch_to_json(&self.record.punch);
+        m.insert("cursor".into(), self.cursor.to_string().into());
         m.insert("site".into(), self.site_id.as_str().into());
         m.insert("gateway_id".into(), self.gateway_id.as_str().into());
         m.insert("journal_epoch".into(), self.journal_epoch.into());

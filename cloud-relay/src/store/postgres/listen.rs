@@ -35,6 +35,9 @@ use super::query::HEAD_SQL;
 use super::schema::NOTIFY_CHANNEL;
 use crate::store::raise_head;
 
+/// The listener connection's `application_name` (as `pg_stat_activity` shows it).
+pub const APPLICATION_NAME: &str = "outpost-relay listener";
+
 /// How often the listener reads the head even without a notification.
 pub(super) const RECHECK: Duration = Duration::from_secs(1);
 

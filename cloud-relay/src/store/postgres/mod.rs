@@ -34,6 +34,7 @@ use tokio::sync::watch;
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
+pub use listen::APPLICATION_NAME as LISTENER_APPLICATION_NAME;
 pub use schema::MIGRATIONS;
 pub use tls::PgTls;
 
@@ -96,9 +97,11 @@ impl PgStore {
             recycle: Some(Duration::from_secs(5)),
         };
         cfg.pool = Some(pc);
-        let listen_config = cfg
+        let mut listen_config = cfg
             .get_pg_config()
             .map_err(|e| StoreError::unavailable("store.url is not usable", e))?;
+        // So that operators (and tests) can tell it in pg_stat_activity.
+        listen_config.application_name(listen::APPLICATION_NAME);
         // The connector types differ, the pool type does not.
         let pool = match connector.clone() {
             None => cfg.create_pool(Some(Runtime::Tokio1), NoTls),
