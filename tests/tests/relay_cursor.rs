@@ -102,7 +102,9 @@ async fn a_consumer_paging_during_concurrent_commits_on_two_relays_sees_every_pu
     // read after every writer finished comes back empty.
     let writers_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let consumer = {
-        let (relays, token, done) = (relays.clone(), a.admin_token.clone(), writers_done.clone());
+        // Each relay has its own admin token.
+        let tokens = [a.admin_token.clone(), b.admin_token.clone()];
+        let (relays, done) = (relays.clone(), writers_done.clone());
         tokio::spawn(async move {
             let client = reqwest::Client::new();
             let mut seen: Vec<Key> = Vec::new();
@@ -110,13 +112,16 @@ async fn a_consumer_paging_during_concurrent_commits_on_two_relays_sees_every_pu
             let mut pages = 0u64;
             loop {
                 let finished = done.load(Ordering::SeqCst);
-                let url = format!(
-                    "{}/v1/punches?cursor={cursor}&limit={PAGE}",
-                    relays[(pages % 2) as usize]
-                );
+                let r = (pages % 2) as usize;
+                let url = format!("{}/v1/punches?cursor={cursor}&limit={PAGE}", relays[r]);
                 pages += 1;
-                let resp = client.get(&url).bearer_auth(&token).send().await.unwrap();
-                assert_eq!(resp.status().as_u16(), 200);
+                let resp = client
+                    .get(&url)
+                    .bearer_auth(&tokens[r])
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status().as_u16(), 200, "GET {url}");
                 let page: serde_json::Value =
                     serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
                 let items = page["items"].as_array().unwrap();
