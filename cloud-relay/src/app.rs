@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `POST /v1/batches` | gateway token or client certificate | a frame in, an Ack frame out ([`crate::intake`]) |
 //! | `GET /v1/uplink` | gateway token or client certificate | the uplink WebSocket ([`crate::intake`]) |
-//! | `GET /v1/punches` | admin or read token | `{"items": [...], "next_cursor": ...}`, filters `site`, `device`, `subject`, `from`, `to` (RFC 3339 or Unix ms, on the punch time), `cursor`, `limit` |
+//! | `GET /v1/punches` | admin or read token | `{"items": [...], "next_cursor": ...}` (each item with its `cursor`: store module docs, "The cursor"), filters `site`, `device`, `subject`, `from`, `to` (RFC 3339 or Unix ms, on the punch time), `cursor`, `limit` |
 //! | `GET /v1/punches.csv` | admin or read token | the same filters, every matching punch as CSV (streamed page by page) |
 //! | `GET /v1/gateways` | admin or read token | `{"gateways": [...]}` |
 //! | `GET /v1/conflicts` | admin or read token | `{"items": [...], "next_cursor": ...}` |

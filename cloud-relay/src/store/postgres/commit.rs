@@ -15,11 +15,12 @@
 //!    lock, so a concurrent commit of the same stream cannot slip in between; a punch
 //!    another stream inserts meanwhile is caught by the insert's `ON CONFLICT` like any
 //!    other;
-//! 4. insert the new punches with `ON CONFLICT (site_id, device_id, device_seq) DO NOTHING
+//! 4. take the position lock ("Positions" below) and insert the new punches, each with
+//!    the next `pos`, with `ON CONFLICT (site_id, device_id, device_seq) DO NOTHING
 //!    RETURNING`; the punches that were not inserted are read back and compared (duplicate
 //!    or conflict) ([`sort_records`], [`insert_punches`], [`tally`]);
 //! 5. insert conflicts and rejected records ([`insert_held`]); write the new ranges; bump
-//!    the gateway counters ([`save_stream_and_counters`]); commit.
+//!    the gateway counters; notify ([`save_stream_and_counters`]); commit.
 //!
 //! ## Positions (the query cursor)
 //!
