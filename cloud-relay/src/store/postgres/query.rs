@@ -11,7 +11,8 @@ use tokio_postgres::Row;
 use super::error::{corrupt, pg_err, pool_err};
 use super::schema::{row_to_record, HeldRecord, RECORD_COLS};
 use crate::store::{
-    ConflictRow, GatewayInfo, PunchPage, PunchQuery, PunchRow, RejectedRow, SeqRanges, StoreError,
+    ConflictRow, GatewayInfo, HeldQuery, PunchPage, PunchQuery, PunchRow, RejectedRow, SeqRanges,
+    StoreError,
 };
 
 /// One page of punches matching `q`, by cursor (`id`).
@@ -27,6 +28,11 @@ pub(super) async fn punches(pool: &Pool, q: &PunchQuery) -> Result<PunchPage, St
     };
     if let Some(v) = &q.site {
         cond(&mut sql, "site_id =", Box::new(v.clone()));
+    }
+    if let Some(v) = &q.sites {
+        // `= ANY($n)` with the array as one parameter; no rows for an empty array.
+        cond(&mut sql, "site_id = ANY(", Box::new(v.clone()));
+        sql.push(')');
     }
     if let Some(v) = &q.device {
         cond(&mut sql, "device_id =", Box::new(v.clone()));
@@ -105,24 +111,26 @@ pub(super) async fn gateways(pool: &Pool) -> Result<Vec<GatewayInfo>, StoreError
         .collect()
 }
 
-/// Rows of a table of held records (`conflicts`, `rejected`) after `after`, oldest
-/// first: `(id, site, gateway, epoch, record, stored_at, the row)`, the row for the
-/// table's own column `extra_col` (column 18).
+/// Rows of a table of held records (`conflicts`, `rejected`) after `q.after` of
+/// `q.sites`, oldest first: `(id, site, gateway, epoch, record, stored_at, the row)`, the
+/// row for the table's own column `extra_col` (column 18).
 async fn held(
     pool: &Pool,
     table: &str,
     extra_col: &str,
-    after: Option<u64>,
-    limit: usize,
+    q: &HeldQuery,
 ) -> Result<Vec<(u64, HeldRecord, Row)>, StoreError> {
     let client = pool.get().await.map_err(pool_err)?;
-    let after = after.map_or(0, |a| a.min(i64::MAX as u64) as i64);
+    let after = q.after.map_or(0, |a| a.min(i64::MAX as u64) as i64);
+    // A NULL array is "every site"; the filter is in the query so LIMIT counts only
+    // matching rows.
     let rows = client
         .query(
             &format!(
-                "SELECT id, {RECORD_COLS}, {extra_col} FROM {table} WHERE id > $1 ORDER BY id LIMIT $2"
+                "SELECT id, {RECORD_COLS}, {extra_col} FROM {table} WHERE id > $1 \
+                 AND ($3::text[] IS NULL OR site_id = ANY($3)) ORDER BY id LIMIT $2"
             ),
-            &[&after, &(limit as i64)],
+            &[&after, &(q.limit as i64), &q.sites],
         )
         .await
         .map_err(pg_err)?;
@@ -134,13 +142,9 @@ async fn held(
         .collect()
 }
 
-/// Conflicts after `after`, oldest first.
-pub(super) async fn conflicts(
-    pool: &Pool,
-    after: Option<u64>,
-    limit: usize,
-) -> Result<Vec<ConflictRow>, StoreError> {
-    let rows = held(pool, "conflicts", "kept_id", after, limit).await?;
+/// Conflicts matching `q`, oldest first.
+pub(super) async fn conflicts(pool: &Pool, q: &HeldQuery) -> Result<Vec<ConflictRow>, StoreError> {
+    let rows = held(pool, "conflicts", "kept_id", q).await?;
     rows.into_iter()
         .map(
             |(id, (site_id, gateway_id, journal_epoch, record, stored_at_ms), row)| {
@@ -158,13 +162,9 @@ pub(super) async fn conflicts(
         .collect()
 }
 
-/// Rejected records after `after`, oldest first.
-pub(super) async fn rejected(
-    pool: &Pool,
-    after: Option<u64>,
-    limit: usize,
-) -> Result<Vec<RejectedRow>, StoreError> {
-    let rows = held(pool, "rejected", "reason", after, limit).await?;
+/// Rejected records matching `q`, oldest first.
+pub(super) async fn rejected(pool: &Pool, q: &HeldQuery) -> Result<Vec<RejectedRow>, StoreError> {
+    let rows = held(pool, "rejected", "reason", q).await?;
     rows.into_iter()
         .map(
             |(id, (site_id, gateway_id, journal_epoch, record, stored_at_ms), row)| {
