@@ -7,12 +7,16 @@
 //! | `GET /v1/uplink` | gateway token or client certificate | the uplink WebSocket ([`crate::intake`]) |
 //! | `GET /v1/punches` | admin or read token | `{"items": [...], "next_cursor": ...}` (each item with its `cursor`: store module docs, "The cursor"), filters `site`, `device`, `subject`, `from`, `to` (RFC 3339 or Unix ms, on the punch time), `cursor`, `limit` |
 //! | `GET /v1/punches.csv` | admin or read token | the same filters, every matching punch as CSV (streamed page by page) |
-//! | `GET /v1/gateways` | admin or read token | `{"gateways": [...]}` |
+//! | `GET /v1/gateways` | admin or read token | `{"gateways": [...]}` (a scoped reader: its sites' gateways) |
 //! | `GET /v1/conflicts` | admin or read token | `{"items": [...], "next_cursor": ...}` |
 //! | `GET /v1/rejected` | admin or read token | invalid records kept instead of stored, with `reason`: `{"items": [...], "next_cursor": ...}` |
 //! | `GET /health/live` | none | 200 while the process runs |
 //! | `GET /health/ready` | none | 200 when the store answers and the relay is not shutting down |
 //! | `GET /metrics` | none | Prometheus text ([`crate::metrics`]) |
+//!
+//! A read token issued with `--site` sees only its sites through every read route: the
+//! filter is part of the store query, and a `site=` outside its scope is 403
+//! (`site_not_allowed`); see [`crate::access`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,12 +31,12 @@ use axum::{Json, Router};
 use outpost_protocol::json::{format_time, parse_time};
 use serde_json::{json, Value};
 
-use outpost_ops::bearer::bearer;
-
+use crate::access::read_scope;
+use crate::auth::Scope;
 use crate::error::error_response;
 use crate::intake;
 use crate::state::AppState;
-use crate::store::{PunchPage, PunchQuery, PunchRow};
+use crate::store::{HeldQuery, PunchPage, PunchQuery, PunchRow};
 
 /// The router with every route.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -57,23 +61,6 @@ pub fn router(state: Arc<AppState>) -> Router {
             timeout,
         ))
         .with_state(state)
-}
-
-/// The query API's gate: the admin token or any read token (`auth::readers`).
-fn require_reader(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
-    match bearer(headers.get(header::AUTHORIZATION)) {
-        Some(t) if state.admin.matches(t) || state.readers.current().authenticate(t).is_some() => {
-            Ok(())
-        }
-        _ => {
-            state.metrics.auth_failure("query");
-            Err(error_response(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "this API needs `Authorization: Bearer <token>` with the admin token (auth.admin_token_file) or a read token (`outpost-relay reader add NAME`)",
-            ))
-        }
-    }
 }
 
 fn bad_param(field: &str, message: &str) -> Response {
@@ -104,7 +91,13 @@ fn cursor_param(p: &HashMap<String, String>) -> Result<Option<u64>, Response> {
         .map_err(|_| bad_param("cursor", "must be a next_cursor value from a previous page"))
 }
 
-fn punch_query(state: &AppState, p: &HashMap<String, String>) -> Result<PunchQuery, Response> {
+/// The query of `/v1/punches` and `.csv` from the request's parameters, limited to the
+/// caller's `scope`.
+fn punch_query(
+    state: &AppState,
+    scope: &Scope,
+    p: &HashMap<String, String>,
+) -> Result<PunchQuery, Response> {
     let max = state.limits.max_query_limit;
     let limit = match p.get("limit") {
         None => 100.min(max),
@@ -120,6 +113,7 @@ fn punch_query(state: &AppState, p: &HashMap<String, String>) -> Result<PunchQue
     };
     Ok(PunchQuery {
         site: p.get("site").cloned(),
+        sites: scope.site_filter(),
         device: p.get("device").cloned(),
         subject: p.get("subject").cloned(),
         from_ms: time_param(p, "from")?,
@@ -140,10 +134,11 @@ async fn punches(
     headers: HeaderMap,
     Query(p): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(r) = require_reader(&state, &headers) {
-        return r;
-    }
-    let q = match punch_query(&state, &p) {
+    let scope = match read_scope(&state, &headers, p.get("site").map(String::as_str)) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let q = match punch_query(&state, &scope, &p) {
         Ok(q) => q,
         Err(r) => return r,
     };
@@ -208,10 +203,11 @@ async fn punches_csv(
     headers: HeaderMap,
     Query(p): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(r) = require_reader(&state, &headers) {
-        return r;
-    }
-    let mut q = match punch_query(&state, &p) {
+    let scope = match read_scope(&state, &headers, p.get("site").map(String::as_str)) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let mut q = match punch_query(&state, &scope, &p) {
         Ok(q) => q,
         Err(r) => return r,
     };
@@ -261,19 +257,25 @@ async fn punches_csv(
 }
 
 async fn gateways(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(r) = require_reader(&state, &headers) {
-        return r;
-    }
+    let scope = match read_scope(&state, &headers, None) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    // One row per gateway, not paged: filtering the list here is exact.
     match state.store.gateways().await {
-        Ok(g) => Json(json!({"gateways": g.iter().map(|g| g.to_json()).collect::<Vec<_>>()}))
-            .into_response(),
+        Ok(g) => Json(json!({"gateways": g
+            .iter()
+            .filter(|g| scope.allows(&g.site_id))
+            .map(|g| g.to_json())
+            .collect::<Vec<_>>()}))
+        .into_response(),
         Err(e) => store_error(e),
     }
 }
 
 /// `GET /v1/conflicts` and `GET /v1/rejected`: read auth, `cursor`, then one page from
-/// `fetch(after, limit)` as `{"items": [...], "next_cursor": ...}`; `item` gives each
-/// row's id and JSON.
+/// `fetch` (with the caller's sites) as `{"items": [...], "next_cursor": ...}`; `item`
+/// gives each row's id and JSON.
 async fn held_page<T, F, Fut>(
     state: &AppState,
     headers: &HeaderMap,
@@ -282,18 +284,24 @@ async fn held_page<T, F, Fut>(
     item: impl Fn(&T) -> (u64, Value),
 ) -> Response
 where
-    F: FnOnce(Option<u64>, usize) -> Fut,
+    F: FnOnce(HeldQuery) -> Fut,
     Fut: std::future::Future<Output = Result<Vec<T>, crate::store::StoreError>>,
 {
-    if let Err(r) = require_reader(state, headers) {
-        return r;
-    }
+    let scope = match read_scope(state, headers, None) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
     let after = match cursor_param(p) {
         Ok(a) => a,
         Err(r) => return r,
     };
     let limit = state.limits.max_query_limit.min(100);
-    match fetch(after, limit).await {
+    let q = HeldQuery {
+        after,
+        limit,
+        sites: scope.site_filter(),
+    };
+    match fetch(q).await {
         Ok(rows) => {
             let items: Vec<(u64, Value)> = rows.iter().map(item).collect();
             let next = (items.len() == limit)
@@ -316,7 +324,7 @@ async fn conflicts(
         &state,
         &headers,
         &p,
-        |after, limit| async move { store.conflicts(after, limit).await },
+        |q| async move { store.conflicts(q).await },
         |c: &crate::store::ConflictRow| (c.id, c.to_json()),
     )
     .await
@@ -332,7 +340,7 @@ async fn rejected(
         &state,
         &headers,
         &p,
-        |after, limit| async move { store.rejected(after, limit).await },
+        |q| async move { store.rejected(q).await },
         |x: &crate::store::RejectedRow| (x.id, x.to_json()),
     )
     .await

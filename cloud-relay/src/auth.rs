@@ -34,13 +34,16 @@
 //! ## Admin token
 //!
 //! One token in a file (mode 0600), created at the first `run` if missing. It guards the
-//! query API (`/v1/punches`, `/v1/gateways`, `/v1/conflicts`), as do the read tokens of
-//! [`readers`]; `/metrics` is open.
+//! query API (`/v1/punches`, `/v1/gateways`, `/v1/conflicts`, `/v1/rejected`), as do the
+//! read tokens of [`readers`]; `/metrics` is open. The admin token reads every site; a read
+//! token reads every site or the sites it was issued for ([`scope`]).
 
 mod client_cert;
 pub mod readers;
+pub mod scope;
 
 pub use client_cert::ClientCert;
+pub use scope::Scope;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

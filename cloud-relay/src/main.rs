@@ -7,9 +7,12 @@
 //!                                              register a client certificate instead (mTLS)
 //! outpost-relay gateway revoke ID              revoke it (the running relay notices)
 //! outpost-relay gateway list                   list registered gateways
-//! outpost-relay reader add NAME                issue a read token for the query API
+//! outpost-relay reader add NAME                issue a read token for the query API (every site)
+//! outpost-relay reader add NAME --site SITE [--site SITE]...
+//!                                              a read token that sees only these sites
 //! outpost-relay reader revoke NAME             revoke it
-//! outpost-relay reader list                    list read tokens (names, never tokens)
+//! outpost-relay reader list                    list read tokens: name, added (Unix ms),
+//!                                              sites (`*` = every site); never tokens
 //! outpost-relay check-config                   validate the configuration and exit
 //! ```
 //!
@@ -60,13 +63,16 @@ enum ReaderCommand {
     Add {
         /// Who will hold it (for your records), e.g. `payroll`.
         name: String,
+        /// Let it read only this site (repeat for several); without it, every site.
+        #[arg(long = "site", value_name = "SITE")]
+        sites: Vec<String>,
     },
     /// Revoke a read token.
     Revoke {
         /// The name given to `reader add`.
         name: String,
     },
-    /// List read tokens (names and dates, never tokens).
+    /// List read tokens (names, dates and sites, never tokens).
     List,
 }
 
@@ -199,17 +205,26 @@ fn main() -> ExitCode {
         Command::Reader { command } => {
             let file = cfg.readers_file();
             match command {
-                ReaderCommand::Add { name } => readers::add_reader(&file, &name).map(|token| {
-                    println!("reader {name} added to {}.", file.display());
-                    println!("This token reads the query API (/v1/punches, /v1/punches.csv, /v1/gateways, /v1/conflicts); it is shown only once:");
-                    println!("{token}");
-                }),
+                ReaderCommand::Add { name, mut sites } => {
+                    sites.sort();
+                    sites.dedup();
+                    readers::add_reader(&file, &name, &sites).map(|token| {
+                        let which = if sites.is_empty() {
+                            "every site".to_string()
+                        } else {
+                            format!("sites {} only", sites.join(", "))
+                        };
+                        println!("reader {name} ({which}) added to {}.", file.display());
+                        println!("This token reads the query API (/v1/punches, /v1/punches.csv, /v1/gateways, /v1/conflicts, /v1/rejected) for {which}; it is shown only once:");
+                        println!("{token}");
+                    })
+                }
                 ReaderCommand::Revoke { name } => readers::revoke_reader(&file, &name).map(|()| {
                     println!("reader {name} revoked; a running relay refuses it within auth.reload_interval_ms");
                 }),
                 ReaderCommand::List => readers::Readers::load(&file).map(|r| {
                     for x in r.list() {
-                        println!("{}\t{}", x.name, x.added_ms);
+                        println!("{}\t{}\t{}", x.name, x.added_ms, x.scope.describe());
                     }
                 }),
             }

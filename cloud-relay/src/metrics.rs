@@ -6,7 +6,7 @@
 //! | `outpost_relay_records_total` | `outcome` = stored, seq_reuse (a new punch under a gateway_seq already used, stored too), duplicate, conflict, rejected (invalid, kept in `/v1/rejected`) | records in committed batches |
 //! | `outpost_relay_bytes_in_total` | | frame bytes received |
 //! | `outpost_relay_decode_errors_total` | `kind` (frame error kinds, too_many_records, invalid_record) | rejected frames |
-//! | `outpost_relay_auth_failures_total` | `reason` = missing, invalid, mismatch, query | refused credentials |
+//! | `outpost_relay_auth_failures_total` | `reason` = missing, invalid, mismatch, query, scope (a read token naming a site outside its scope) | refused credentials |
 //! | `outpost_relay_commit_seconds` | | store commit latency histogram |
 //! | `outpost_relay_open_connections` | | open TCP connections |
 //! | `outpost_relay_open_websockets` | | open uplink WebSockets |

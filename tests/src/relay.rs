@@ -378,19 +378,51 @@ impl Relay {
 
     /// `reader add NAME`: returns the read token (the output's last line).
     pub fn add_reader(&self, name: &str) -> anyhow::Result<String> {
-        let out = self.cli(&["reader", "add", name])?;
+        self.add_scoped_reader(name, &[])
+    }
+
+    /// `reader add NAME --site S...` (every site when `sites` is empty): returns the read
+    /// token (the output's last line) once the running relay accepts it.
+    pub fn add_scoped_reader(&self, name: &str, sites: &[&str]) -> anyhow::Result<String> {
+        let mut args = vec!["reader", "add", name];
+        for s in sites {
+            args.extend(["--site", s]);
+        }
+        let out = self.cli(&args)?;
         if !out.status.success() {
             bail!(
                 "reader add failed: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        String::from_utf8(out.stdout)?
+        let token = String::from_utf8(out.stdout)?
             .lines()
             .last()
             .map(|l| l.trim().to_string())
             .filter(|t| !t.is_empty())
-            .context("reader add printed no token")
+            .context("reader add printed no token")?;
+        if self.proc.is_some() {
+            self.wait_reader(&token)?;
+        }
+        Ok(token)
+    }
+
+    /// Waits until the running relay accepts the read token `token` (it reloads the
+    /// readers file every `auth.reload_interval_ms`).
+    pub fn wait_reader(&self, token: &str) -> anyhow::Result<()> {
+        let auth = format!("Bearer {token}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, _) =
+                self.request("GET", "/v1/gateways", &[("Authorization", &auth)], b"")?;
+            if status != 401 {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("the relay did not accept read token {token:.8}… within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// `http://addr` (or `https://localhost:port` with TLS).

@@ -3,7 +3,7 @@
 
 use outpost_relay::store::postgres::PgStore;
 use outpost_relay::store::sled::SledStore;
-use outpost_relay::store::{PunchQuery, Store};
+use outpost_relay::store::{HeldQuery, PunchQuery, Store};
 use outpost_tests::postgres::PgServer;
 use outpost_tests::relay::{anchor, batch, punch, punches, record, records, unsynced_record, T0};
 
@@ -27,6 +27,15 @@ fn q(limit: usize) -> PunchQuery {
     PunchQuery {
         limit,
         ..PunchQuery::default()
+    }
+}
+
+/// Held rows (conflicts, rejected) after `after`, at most `limit`, of every site.
+fn held(after: Option<u64>, limit: usize) -> HeldQuery {
+    HeldQuery {
+        after,
+        limit,
+        sites: None,
     }
 }
 
@@ -106,7 +115,7 @@ async fn conformance(store: &dyn Store) {
         .await
         .unwrap();
     assert_eq!((out.duplicates, out.conflicts), (1, 0));
-    let conflicts = store.conflicts(None, 100).await.unwrap();
+    let conflicts = store.conflicts(held(None, 100)).await.unwrap();
     assert_eq!(conflicts.len(), 1);
     assert_eq!(conflicts[0].record.punch, changed);
     assert_eq!(conflicts[0].gateway_id.as_str(), "gw-b");
@@ -117,7 +126,7 @@ async fn conformance(store: &dyn Store) {
         .expect("kept punch is listed");
     assert_eq!(kept.record.punch, first[0]);
     assert!(store
-        .conflicts(Some(conflicts[0].id), 100)
+        .conflicts(held(Some(conflicts[0].id), 100))
         .await
         .unwrap()
         .is_empty());
@@ -357,10 +366,11 @@ async fn conformance(store: &dyn Store) {
         (out.stored, out.rejected, out.duplicates, out.acked_through),
         (0, 0, 4, 4)
     );
-    let held = store.rejected(None, 10).await.unwrap();
-    assert_eq!(held.len(), 2);
+    let held_rows = store.rejected(held(None, 10)).await.unwrap();
+    assert_eq!(held_rows.len(), 2);
     assert_eq!(
-        held.iter()
+        held_rows
+            .iter()
             .map(|x| (
                 x.gateway_id.as_str(),
                 x.site_id.as_str(),
@@ -369,12 +379,23 @@ async fn conformance(store: &dyn Store) {
             .collect::<Vec<_>>(),
         vec![("gw-r", "HCR", 2), ("gw-r", "HCR", 3)]
     );
-    assert!(held[0].reason.contains("time"), "{}", held[0].reason);
-    assert!(held[1].reason.contains("offset"), "{}", held[1].reason);
-    assert_eq!(held[0].record.punch.device_time_ms, 5);
-    assert_eq!(held[0].stored_at_ms, NOW);
-    let rest = store.rejected(Some(held[0].id), 10).await.unwrap();
-    assert_eq!(rest, held[1..].to_vec());
+    assert!(
+        held_rows[0].reason.contains("time"),
+        "{}",
+        held_rows[0].reason
+    );
+    assert!(
+        held_rows[1].reason.contains("offset"),
+        "{}",
+        held_rows[1].reason
+    );
+    assert_eq!(held_rows[0].record.punch.device_time_ms, 5);
+    assert_eq!(held_rows[0].stored_at_ms, NOW);
+    let rest = store
+        .rejected(held(Some(held_rows[0].id), 10))
+        .await
+        .unwrap();
+    assert_eq!(rest, held_rows[1..].to_vec());
     let site_r = all_punches(
         store,
         PunchQuery {
@@ -396,6 +417,99 @@ async fn conformance(store: &dyn Store) {
     assert_eq!(gws.iter().map(|g| g.rejected).sum::<u64>(), 2);
 
     seq_reuse(store).await;
+    site_scope(store).await;
+}
+
+/// A read token's scope (`sites`) is applied inside the store query: pages of a scoped
+/// query are full while more matching rows follow, however many rows of other sites lie
+/// between them; conflicts and rejected records are filtered the same way.
+async fn site_scope(store: &dyn Store) {
+    // Interleave: SB, SA, SB, SA, ... in batches of 7, so most rows in cursor order
+    // belong to the other site.
+    for i in 0..6u64 {
+        let (sa, sb) = (
+            punches(i * 3 + 1..=i * 3 + 3),
+            punches(i * 7 + 1..=i * 7 + 7),
+        );
+        store
+            .commit(batch("gw-sb", "SB", 1, records(&sb, i * 7 + 1)), NOW)
+            .await
+            .unwrap();
+        store
+            .commit(batch("gw-sa", "SA", 1, records(&sa, i * 3 + 1)), NOW)
+            .await
+            .unwrap();
+    }
+    let scoped = |sites: &[&str], limit| PunchQuery {
+        sites: Some(sites.iter().map(|s| s.to_string()).collect()),
+        ..q(limit)
+    };
+    let mut query = scoped(&["SA"], 4);
+    let mut seen = Vec::new();
+    loop {
+        let page = store.punches(query.clone()).await.unwrap();
+        match page.next_cursor {
+            Some(c) => {
+                assert_eq!(page.items.len(), 4, "a page is full while more rows follow");
+                query.after = Some(c);
+            }
+            None => {
+                seen.extend(page.items);
+                break;
+            }
+        }
+        seen.extend(page.items);
+    }
+    assert_eq!(seen.len(), 18);
+    assert!(seen.iter().all(|r| r.site_id.as_str() == "SA"));
+    assert_eq!(all_punches(store, scoped(&["SA", "SB"], 5)).await.len(), 60);
+    assert!(all_punches(store, scoped(&[], 5)).await.is_empty());
+    // `site` narrows within the scope; outside it there is nothing.
+    let both = PunchQuery {
+        site: Some("SB".into()),
+        ..scoped(&["SA", "SB"], 7)
+    };
+    assert_eq!(all_punches(store, both).await.len(), 42);
+    let outside = PunchQuery {
+        site: Some("SB".into()),
+        ..scoped(&["SA"], 7)
+    };
+    assert!(all_punches(store, outside).await.is_empty());
+
+    // A conflict and a rejected record at SB, behind the earlier ones of other sites.
+    let mut changed = punches(1..=1)[0];
+    changed.subject_id = outpost_tests::relay::id("EMP-9998");
+    let mut bad = record(punch("dev-sb", 1, "EMP-0001", 1), 44);
+    bad.punch.device_time_ms = 5;
+    let out = store
+        .commit(batch("gw-sb", "SB", 1, vec![record(changed, 43), bad]), NOW)
+        .await
+        .unwrap();
+    assert_eq!((out.conflicts, out.rejected), (1, 1));
+    let only = |sites: &[&str], limit| HeldQuery {
+        sites: Some(sites.iter().map(|s| s.to_string()).collect()),
+        ..held(None, limit)
+    };
+    let c = store.conflicts(only(&["SB"], 1)).await.unwrap();
+    assert_eq!(c.len(), 1, "found past the other sites' conflicts");
+    assert_eq!((c[0].site_id.as_str(), c[0].record.punch), ("SB", changed));
+    assert!(store.conflicts(only(&["SA"], 10)).await.unwrap().is_empty());
+    let r = store.rejected(only(&["SB"], 1)).await.unwrap();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].site_id.as_str(), "SB");
+    let hcr = store.rejected(only(&["HCR", "SB"], 2)).await.unwrap();
+    assert_eq!(hcr.len(), 2);
+    assert!(hcr.iter().all(|x| x.site_id.as_str() == "HCR"));
+    let rest = store
+        .rejected(HeldQuery {
+            after: Some(hcr[1].id),
+            ..only(&["HCR", "SB"], 2)
+        })
+        .await
+        .unwrap();
+    assert_eq!(rest, r);
+    assert!(store.rejected(only(&[], 10)).await.unwrap().is_empty());
+    assert_eq!(store.rejected(held(None, 10)).await.unwrap().len(), 3);
 }
 
 /// A gateway whose journal went back in time sends new punches under gateway_seq values
@@ -564,9 +678,9 @@ async fn postgres_store_conformance() {
     concurrent_exactly_once(std::sync::Arc::new(store.clone())).await;
     // Migrations are idempotent: a second relay connecting to the same database.
     let again = PgStore::connect(&pg.url(), 2).await.unwrap();
-    // The conformance pass names 8 gateways (gw-e, gw-r and gw-s after its list check),
-    // the concurrent pass 6.
-    assert_eq!(again.gateways().await.unwrap().len(), 8 + 6);
+    // The conformance pass names 10 gateways (gw-e, gw-r, gw-s, gw-sa and gw-sb after its
+    // list check), the concurrent pass 6.
+    assert_eq!(again.gateways().await.unwrap().len(), 10 + 6);
     store.close().await.unwrap();
     tokio::task::spawn_blocking(move || drop(pg)).await.unwrap();
 }

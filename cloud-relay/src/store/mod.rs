@@ -212,6 +212,10 @@ pub struct CommitOutcome {
 pub struct PunchQuery {
     /// Only this site.
     pub site: Option<String>,
+    /// Only these sites (a read token's scope, `auth::Scope::site_filter`); `None` for
+    /// every site. Applied in the store's query, so a page is full whenever more matching
+    /// rows follow.
+    pub sites: Option<Vec<String>>,
     /// Only this device.
     pub device: Option<String>,
     /// Only this subject.
@@ -224,6 +228,18 @@ pub struct PunchQuery {
     pub after: Option<u64>,
     /// At most this many items (the caller bounds it).
     pub limit: usize,
+}
+
+/// Which rows of a table of held records ([`Store::conflicts`], [`Store::rejected`]) to
+/// return.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeldQuery {
+    /// Continue after this row id (the last `id` of a previous page).
+    pub after: Option<u64>,
+    /// At most this many rows (the caller bounds it).
+    pub limit: usize,
+    /// Only rows of these sites (as in [`PunchQuery::sites`]); `None` for every site.
+    pub sites: Option<Vec<String>>,
 }
 
 /// One stored punch with where and when it came from.
@@ -480,19 +496,13 @@ pub trait Store: Send + Sync + 'static {
     /// Every gateway that has sent a batch, ordered by id.
     fn gateways(&self) -> BoxFuture<'_, Result<Vec<GatewayInfo>, StoreError>>;
 
-    /// Conflicts after `after` (their `id`), oldest first, at most `limit`.
-    fn conflicts(
-        &self,
-        after: Option<u64>,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<ConflictRow>, StoreError>>;
+    /// Conflicts of `q.sites` after `q.after` (their `id`), oldest first, at most
+    /// `q.limit`.
+    fn conflicts(&self, q: HeldQuery) -> BoxFuture<'_, Result<Vec<ConflictRow>, StoreError>>;
 
-    /// Rejected (invalid) records after `after` (their `id`), oldest first, at most `limit`.
-    fn rejected(
-        &self,
-        after: Option<u64>,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<RejectedRow>, StoreError>>;
+    /// Rejected (invalid) records of `q.sites` after `q.after` (their `id`), oldest first,
+    /// at most `q.limit`.
+    fn rejected(&self, q: HeldQuery) -> BoxFuture<'_, Result<Vec<RejectedRow>, StoreError>>;
 
     /// The highest cursor that readers can see now (0 when no punch is stored). Every
     /// punch at or below it is visible: no commit can still add one there (module docs,

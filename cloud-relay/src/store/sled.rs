@@ -88,8 +88,8 @@ use outpost_protocol::{Batch, BootId, Id, Punch, Record, TimeAnchor};
 
 use super::{
     best_anchors, corrected_time, invalid_reason, BoxFuture, CommitOutcome, ConflictRow,
-    GatewayInfo, PunchPage, PunchQuery, PunchRow, RejectedRow, SeqRanges, Store, StoreError,
-    MAX_RANGES,
+    GatewayInfo, HeldQuery, PunchPage, PunchQuery, PunchRow, RejectedRow, SeqRanges, Store,
+    StoreError, MAX_RANGES,
 };
 
 /// A stored punch (value of a `p` key).
@@ -669,6 +669,7 @@ impl Inner {
             let row: StoredRow = dec("punch row", &v)?;
             let p = &row.record.punch;
             let keep = q.site.as_deref().is_none_or(|s| s == row.site_id.as_str())
+                && in_sites(&q.sites, &row.site_id)
                 && q.device
                     .as_deref()
                     .is_none_or(|d| d == p.device_id.as_str())
@@ -721,25 +722,34 @@ impl Inner {
         Ok(out)
     }
 
-    /// The values of table `tag` (keys `tag` + u64 id) after `after`, at most `limit`.
+    /// The values of table `tag` (keys `tag` + u64 id) after `q.after` that `keep`, at most
+    /// `q.limit`: rows `keep` refuses do not count towards the limit.
     fn scan_ids<T: for<'b> Decode<'b, ()>>(
         &self,
         tag: u8,
         what: &str,
-        after: Option<u64>,
-        limit: usize,
+        q: &HeldQuery,
+        keep: impl Fn(&T) -> bool,
     ) -> Result<Vec<(u64, T)>, StoreError> {
-        let start = key_u64(tag, after.map_or(0, |a| a.saturating_add(1)));
+        let start = key_u64(tag, q.after.map_or(0, |a| a.saturating_add(1)));
         let mut out = Vec::new();
-        for item in self.tree.range(start..vec![tag + 1]).take(limit) {
+        for item in self.tree.range(start..vec![tag + 1]) {
+            if out.len() == q.limit {
+                break;
+            }
             let (k, v) = item.map_err(io)?;
-            out.push((be_u64(what, &k[1..])?, dec(what, &v)?));
+            let row: T = dec(what, &v)?;
+            if keep(&row) {
+                out.push((be_u64(what, &k[1..])?, row));
+            }
         }
         Ok(out)
     }
 
-    fn conflicts(&self, after: Option<u64>, limit: usize) -> Result<Vec<ConflictRow>, StoreError> {
-        let rows = self.scan_ids::<StoredConflict>(T_CONFLICT, "conflict", after, limit)?;
+    fn conflicts(&self, q: &HeldQuery) -> Result<Vec<ConflictRow>, StoreError> {
+        let rows = self.scan_ids::<StoredConflict>(T_CONFLICT, "conflict", q, |c| {
+            in_sites(&q.sites, &c.site_id)
+        })?;
         Ok(rows
             .into_iter()
             .map(|(id, c)| ConflictRow {
@@ -754,8 +764,10 @@ impl Inner {
             .collect())
     }
 
-    fn rejected(&self, after: Option<u64>, limit: usize) -> Result<Vec<RejectedRow>, StoreError> {
-        let rows = self.scan_ids::<StoredRejected>(T_REJECTED, "rejected record", after, limit)?;
+    fn rejected(&self, q: &HeldQuery) -> Result<Vec<RejectedRow>, StoreError> {
+        let rows = self.scan_ids::<StoredRejected>(T_REJECTED, "rejected record", q, |x| {
+            in_sites(&q.sites, &x.site_id)
+        })?;
         Ok(rows
             .into_iter()
             .map(|(id, x)| RejectedRow {
@@ -769,6 +781,13 @@ impl Inner {
             })
             .collect())
     }
+}
+
+/// Whether a row of `site` passes a query's `sites` filter (`None`: every site).
+fn in_sites(sites: &Option<Vec<String>>, site: &Id) -> bool {
+    sites
+        .as_ref()
+        .is_none_or(|s| s.iter().any(|x| x == site.as_str()))
 }
 
 impl Store for SledStore {
@@ -796,20 +815,12 @@ impl Store for SledStore {
         Box::pin(self.blocking(|i| i.gateways()))
     }
 
-    fn conflicts(
-        &self,
-        after: Option<u64>,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<ConflictRow>, StoreError>> {
-        Box::pin(self.blocking(move |i| i.conflicts(after, limit)))
+    fn conflicts(&self, q: HeldQuery) -> BoxFuture<'_, Result<Vec<ConflictRow>, StoreError>> {
+        Box::pin(self.blocking(move |i| i.conflicts(&q)))
     }
 
-    fn rejected(
-        &self,
-        after: Option<u64>,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<RejectedRow>, StoreError>> {
-        Box::pin(self.blocking(move |i| i.rejected(after, limit)))
+    fn rejected(&self, q: HeldQuery) -> BoxFuture<'_, Result<Vec<RejectedRow>, StoreError>> {
+        Box::pin(self.blocking(move |i| i.rejected(&q)))
     }
 
     fn head(&self) -> BoxFuture<'_, Result<u64, StoreError>> {

@@ -39,8 +39,8 @@ pub use schema::MIGRATIONS;
 pub use tls::PgTls;
 
 use super::{
-    BoxFuture, CommitOutcome, ConflictRow, GatewayInfo, PunchPage, PunchQuery, RejectedRow, Store,
-    StoreError,
+    BoxFuture, CommitOutcome, ConflictRow, GatewayInfo, HeldQuery, PunchPage, PunchQuery,
+    RejectedRow, Store, StoreError,
 };
 use crate::config::PgTlsMode;
 use tls::{connect_err, resolve_tls, tls_connector};
@@ -168,20 +168,12 @@ impl Store for PgStore {
         Box::pin(query::gateways(&self.pool))
     }
 
-    fn conflicts(
-        &self,
-        after: Option<u64>,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<ConflictRow>, StoreError>> {
-        Box::pin(query::conflicts(&self.pool, after, limit))
+    fn conflicts(&self, q: HeldQuery) -> BoxFuture<'_, Result<Vec<ConflictRow>, StoreError>> {
+        Box::pin(async move { query::conflicts(&self.pool, &q).await })
     }
 
-    fn rejected(
-        &self,
-        after: Option<u64>,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<RejectedRow>, StoreError>> {
-        Box::pin(query::rejected(&self.pool, after, limit))
+    fn rejected(&self, q: HeldQuery) -> BoxFuture<'_, Result<Vec<RejectedRow>, StoreError>> {
+        Box::pin(async move { query::rejected(&self.pool, &q).await })
     }
 
     fn head(&self) -> BoxFuture<'_, Result<u64, StoreError>> {

@@ -13,7 +13,8 @@ use tokio_postgres::Row;
 use super::error::{corrupt, pg_err, pool_err};
 use super::schema::{row_to_record, HeldRecord, RECORD_COLS};
 use crate::store::{
-    ConflictRow, GatewayInfo, PunchPage, PunchQuery, PunchRow, RejectedRow, SeqRanges, StoreError,
+    ConflictRow, GatewayInfo, HeldQuery, PunchPage, PunchQuery, PunchRow, RejectedRow, SeqRanges,
+    StoreError,
 };
 
 /// One page of punches matching `q`, by cursor (`pos`).
@@ -29,6 +30,11 @@ pub(super) async fn punches(pool: &Pool, q: &PunchQuery) -> Result<PunchPage, St
     };
     if let Some(v) = &q.site {
         cond(&mut sql, "site_id =", Box::new(v.clone()));
+    }
+    if let Some(v) = &q.sites {
+        // `= ANY($n)` with the array as one parameter; no rows for an empty array.
+        cond(&mut sql, "site_id = ANY(", Box::new(v.clone()));
+        sql.push(')');
     }
     if let Some(v) = &q.device {
         cond(&mut sql, "device_id =", Box::new(v.clone()));
@@ -117,32 +123,33 @@ pub(super) async fn gateways(pool: &Pool) -> Result<Vec<GatewayInfo>, StoreError
         .collect()
 }
 
-/// Rows of a table of held records (`conflicts`, `rejected`) after `after`, oldest
-/// first: `(id, site, gateway, epoch, record, stored_at, the row)`, the row for the
-/// table's own column `extra_col` (column 18, an expression over the table's columns,
-/// which may name other tables through `join`).
+/// Rows of a table of held records (`conflicts`, `rejected`) after `q.after` of
+/// `q.sites`, oldest first: `(id, site, gateway, epoch, record, stored_at, the row)`, the
+/// row for the table's own column `extra_col` (column 18, an expression over the table's
+/// columns, which may name other tables through `join`).
 async fn held(
     pool: &Pool,
     table: &str,
     extra_col: &str,
     join: &str,
-    after: Option<u64>,
-    limit: usize,
+    q: &HeldQuery,
 ) -> Result<Vec<(u64, HeldRecord, Row)>, StoreError> {
     let client = pool.get().await.map_err(pool_err)?;
-    let after = after.map_or(0, |a| a.min(i64::MAX as u64) as i64);
+    let after = q.after.map_or(0, |a| a.min(i64::MAX as u64) as i64);
     let cols = RECORD_COLS
         .split(", ")
         .map(|c| format!("h.{}", c.trim()))
         .collect::<Vec<_>>()
         .join(", ");
+    // A NULL array is "every site"; the filter is in the query so LIMIT counts only
+    // matching rows.
     let rows = client
         .query(
             &format!(
                 "SELECT h.id, {cols}, {extra_col} FROM {table} h {join} WHERE h.id > $1 \
-                 ORDER BY h.id LIMIT $2"
+                 AND ($3::text[] IS NULL OR h.site_id = ANY($3)) ORDER BY h.id LIMIT $2"
             ),
-            &[&after, &(limit as i64)],
+            &[&after, &(q.limit as i64), &q.sites],
         )
         .await
         .map_err(pg_err)?;
@@ -154,20 +161,15 @@ async fn held(
         .collect()
 }
 
-/// Conflicts after `after`, oldest first.
-pub(super) async fn conflicts(
-    pool: &Pool,
-    after: Option<u64>,
-    limit: usize,
-) -> Result<Vec<ConflictRow>, StoreError> {
+/// Conflicts matching `q`, oldest first.
+pub(super) async fn conflicts(pool: &Pool, q: &HeldQuery) -> Result<Vec<ConflictRow>, StoreError> {
     // The kept punch's cursor is its `pos` (the table keeps its `id`).
     let rows = held(
         pool,
         "conflicts",
         "p.pos",
         "JOIN punches p ON p.id = h.kept_id",
-        after,
-        limit,
+        q,
     )
     .await?;
     rows.into_iter()
@@ -187,13 +189,9 @@ pub(super) async fn conflicts(
         .collect()
 }
 
-/// Rejected records after `after`, oldest first.
-pub(super) async fn rejected(
-    pool: &Pool,
-    after: Option<u64>,
-    limit: usize,
-) -> Result<Vec<RejectedRow>, StoreError> {
-    let rows = held(pool, "rejected", "h.reason", "", after, limit).await?;
+/// Rejected records matching `q`, oldest first.
+pub(super) async fn rejected(pool: &Pool, q: &HeldQuery) -> Result<Vec<RejectedRow>, StoreError> {
+    let rows = held(pool, "rejected", "h.reason", "", q).await?;
     rows.into_iter()
         .map(
             |(id, (site_id, gateway_id, journal_epoch, record, stored_at_ms), row)| {
