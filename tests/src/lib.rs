@@ -8,4 +8,5 @@ pub mod proc;
 pub mod proxy;
 pub mod relay;
 pub mod seed;
+pub mod webhook;
 pub mod workload;

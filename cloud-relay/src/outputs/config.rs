@@ -92,7 +92,8 @@ pub struct WebhookOutput {
     /// Time limit for one call, seconds.
     #[serde(default = "default_webhook_timeout_secs")]
     pub timeout_secs: u64,
-    /// Waits before each retry, seconds; the last one repeats.
+    /// The retry schedule, seconds: step 0 is the first attempt (0 = immediately), step `n`
+    /// the wait after the `n`-th failure in a row; the last step repeats.
     #[serde(default = "default_webhook_retry_schedule")]
     pub retry_schedule_secs: Vec<u64>,
     /// Disable the output after failing continuously for this long, seconds.

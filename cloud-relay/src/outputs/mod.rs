@@ -12,6 +12,8 @@
 //! |---|---|
 //! | [`config`] | the `[outputs]` section: keys, defaults, validation |
 //! | [`sink`] | what a receiver kind implements, and the items it is given |
+//! | [`webhook`] | the webhook receiver kind: signed Standard Webhooks calls, SSRF guard |
 
 pub mod config;
 pub mod sink;
+pub mod webhook;
