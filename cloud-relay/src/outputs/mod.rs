@@ -12,6 +12,8 @@
 //! |---|---|
 //! | [`config`] | the `[outputs]` section: keys, defaults, validation |
 //! | [`sink`] | what a receiver kind implements, and the items it is given |
+//! | [`nats`] | the NATS JetStream kind: one message per punch, `Nats-Msg-Id` = its id |
 
 pub mod config;
+pub mod nats;
 pub mod sink;
