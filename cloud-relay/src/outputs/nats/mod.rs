@@ -13,14 +13,27 @@
 //!   every message whose `Nats-Msg-Id` it stored within the stream's duplicate window and
 //!   says so in the PubAck (`duplicate: true`); [`NatsStats::duplicates`] counts those.
 //!
+//! Order: a stopped server or a broken connection stores a prefix of the delivery, and the
+//! retry adds the rest in order ([`conn`] keeps a reconnect from sending queued publishes
+//! late). A server that refuses one message but stores the ones after it (say, a clustered
+//! stream electing a leader) gets the refused one on the retry, after them: still exactly
+//! once, by `Nats-Msg-Id`, but out of order.
+//!
 //! Connection: made on the first delivery, not at start, so a relay starts while NATS is
-//! down. A connection that breaks is re-established by the client in the background
-//! (waits doubling from `retry_initial_ms` to `retry_max_ms`); a delivery meanwhile fails at
-//! once instead of queueing. After connecting, the stream is made sure of: created if
-//! missing (subjects = the template's wildcard form, `duplicate_window` from config), left
-//! as it is if it exists (a warning is logged when its subjects do not capture ours). A
-//! PubAck saying no stream captures the subject makes the next delivery check again.
+//! down. A connection is used until it breaks and never reopened ([`conn`] says why); the
+//! next delivery opens a new one, and until that works every delivery fails at once (the
+//! worker waits [`Sink::retry_delay`] in between: doubling from `retry_initial_ms` to
+//! `retry_max_ms`). After connecting, the stream is made sure of: created if missing
+//! (subjects = the template's wildcard form, `duplicate_window` from config), left as it
+//! is if it exists (a warning is logged when its subjects do not capture ours). A PubAck
+//! saying no stream captures the subject makes the next delivery check again.
+//!
+//! | file | job |
+//! |---|---|
+//! | [`subject`] | the subject template, token-safe ids, the stream's wildcard subject |
+//! | [`conn`] | one connection: connect once, credentials, make sure of the stream |
 
+pub mod conn;
 pub mod subject;
 
 use std::collections::VecDeque;
@@ -30,11 +43,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::connection::State;
-use async_nats::jetstream::context::{GetStreamErrorKind, PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream;
+use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::{self, stream};
-use async_nats::{ConnectOptions, Event, ServerAddr};
+use async_nats::ServerAddr;
 use bytes::Bytes;
 use outpost_ops::backoff::Backoff;
 use tokio::sync::watch;
@@ -42,13 +54,11 @@ use tokio::sync::watch;
 use super::config::NatsOutput;
 use super::sink::{Delivery, Item, Sink, SinkError};
 use crate::store::BoxFuture;
-use subject::{covers, SubjectTemplate};
+use conn::{Conn, Creds};
+use subject::SubjectTemplate;
 
 /// How long a PubAck, or a JetStream API answer, may take.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long one attempt to open the TCP (and TLS) connection may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A `[[outputs.nats]]` entry that cannot work.
 #[derive(Debug, thiserror::Error)]
@@ -91,15 +101,14 @@ pub enum NatsError {
         source: std::io::Error,
     },
     /// `creds_file` is not a NATS credentials file.
-    #[error("{key}: {path} is not a NATS credentials file (a user JWT and an nkey seed, as `nsc generate creds` writes): {source}")]
+    #[error("{key}: {path} is not a NATS credentials file (a user JWT and an nkey seed, as `nsc generate creds` writes): {reason}")]
     CredsParse {
         /// The config key.
         key: String,
         /// The file.
         path: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
+        /// What is wrong.
+        reason: String,
     },
 }
 
@@ -129,23 +138,13 @@ impl NatsStats {
     }
 }
 
-/// An open connection and what it knows.
-struct Conn {
-    client: async_nats::Client,
-    js: jetstream::Context,
-    /// Bumped by the client's event callback on every disconnect.
-    lost: watch::Receiver<u64>,
-    /// The stream was found or created on this connection.
-    stream_ready: bool,
-}
-
 /// Delivers to a NATS JetStream stream ([module docs](self)).
 pub struct NatsSink {
     name: String,
     url: String,
     server: ServerAddr,
-    /// The credentials file's text (read once, at start).
-    creds: Option<String>,
+    /// The credentials file (read once, at start).
+    creds: Option<Creds>,
     subject: SubjectTemplate,
     stream: String,
     duplicate_window: Duration,
@@ -164,7 +163,7 @@ impl std::fmt::Debug for NatsSink {
             .field("url", &self.url)
             .field("stream", &self.stream)
             .field("subject", &self.subject.wildcard())
-            .field("creds", &self.creds.as_ref().map(|_| "<set>"))
+            .field("creds", &self.creds.is_some())
             .field("connected", &self.conn.is_some())
             .finish()
     }
@@ -212,12 +211,11 @@ impl NatsSink {
                     source,
                 }
             })?;
-            ConnectOptions::with_credentials(&text).map_err(|source| NatsError::CredsParse {
+            Some(Creds::parse(&text).map_err(|reason| NatsError::CredsParse {
                 key: key("creds_file"),
                 path: cfg.creds_file.clone(),
-                source,
-            })?;
-            Some(text)
+                reason,
+            })?)
         };
         Ok(NatsSink {
             name: cfg.name.clone(),
@@ -263,129 +261,37 @@ impl NatsSink {
         }
     }
 
-    /// Connects (first use) and makes sure of the stream.
+    /// Connects (first use, or after the connection broke) and makes sure of the stream.
     async fn ready(&mut self) -> Result<(), SinkError> {
+        if self.conn.as_ref().is_some_and(|c| !c.usable()) {
+            self.conn = None;
+        }
         if self.conn.is_none() {
-            let conn = self.connect().await?;
+            let (ack_limit, name) = (self.max_ack_pending, self.name.clone());
+            let conn = Conn::open(&name, &self.server, self.creds.as_ref(), |client| {
+                context(client, ack_limit)
+            })
+            .await
+            .map_err(|reason| self.retry(reason))?;
             self.conn = Some(conn);
         }
         let Some(conn) = self.conn.as_ref() else {
             return Err(self.retry("not connected"));
         };
-        match conn.client.connection_state() {
-            State::Connected => {}
-            State::Disconnected | State::Pending => {
-                return Err(self.retry("connection lost; reconnecting in the background"))
-            }
-        }
         if !conn.stream_ready {
-            self.ensure_stream().await?;
+            conn.ensure_stream(
+                &self.name,
+                &self.stream,
+                &self.subject.wildcard(),
+                self.duplicate_window,
+            )
+            .await
+            .map_err(|reason| self.retry(reason))?;
             if let Some(c) = self.conn.as_mut() {
                 c.stream_ready = true;
             }
         }
         Ok(())
-    }
-
-    async fn connect(&self) -> Result<Conn, SinkError> {
-        let opts = match &self.creds {
-            // Parsed once in `new`; a failure here would be the same one.
-            Some(text) => ConnectOptions::with_credentials(text)
-                .map_err(|e| self.retry(format!("credentials: {e}")))?,
-            None => ConnectOptions::new(),
-        };
-        let (lost_tx, lost) = watch::channel(0u64);
-        let lost_tx = Arc::new(lost_tx);
-        let name = self.name.clone();
-        let (initial, max) = (self.retry_initial, self.retry_max);
-        let opts = opts
-            .name(format!("outpost-relay output {}", self.name))
-            .connection_timeout(CONNECT_TIMEOUT)
-            .request_timeout(Some(ACK_TIMEOUT))
-            // The client's own reconnect loop: the first try at once, then our doubling.
-            .reconnect_delay_callback(move |attempts| match attempts {
-                0 | 1 => Duration::ZERO,
-                n => Backoff::ceiling_after(initial, max, (n - 2).min(64) as u32),
-            })
-            .event_callback(move |event| {
-                let (lost_tx, name) = (lost_tx.clone(), name.clone());
-                async move { on_event(&name, &lost_tx, event) }
-            });
-        let client = opts
-            .connect(self.server.clone())
-            .await
-            .map_err(|e| self.retry(format!("cannot connect: {e}")))?;
-        tracing::info!(output = %self.name, url = %self.url, "connected to NATS");
-        let js = self.context(client.clone());
-        Ok(Conn {
-            client,
-            js,
-            lost,
-            stream_ready: false,
-        })
-    }
-
-    /// A JetStream context whose in-flight limit is ours. A fresh one after a failed
-    /// delivery: the old one's permits stay held by unanswered publishes until they time
-    /// out.
-    fn context(&self, client: async_nats::Client) -> jetstream::Context {
-        jetstream::ContextBuilder::new()
-            .timeout(ACK_TIMEOUT)
-            .ack_timeout(ACK_TIMEOUT)
-            .max_ack_inflight(self.max_ack_pending)
-            .build(client)
-    }
-
-    /// Creates the stream if missing; if it exists, leaves it and says when its subjects
-    /// do not capture ours.
-    async fn ensure_stream(&self) -> Result<(), SinkError> {
-        let Some(conn) = self.conn.as_ref() else {
-            return Err(self.retry("not connected"));
-        };
-        let ours = self.subject.wildcard();
-        match conn.js.get_stream(&self.stream).await {
-            Ok(existing) => {
-                let theirs = &existing.cached_info().config.subjects;
-                if !theirs.iter().any(|f| covers(f, &ours)) {
-                    tracing::warn!(
-                        output = %self.name,
-                        stream = %self.stream,
-                        stream_subjects = ?theirs,
-                        subject = %ours,
-                        "the JetStream stream exists but its subjects do not capture this \
-                         output's; publishes fail unless another stream captures them \
-                         (add the subject to the stream, or change outputs.nats.stream)"
-                    );
-                }
-                Ok(())
-            }
-            Err(e)
-                if matches!(e.kind(), GetStreamErrorKind::JetStream(ref je)
-                    if je.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
-            {
-                let config = stream::Config {
-                    name: self.stream.clone(),
-                    subjects: vec![ours.clone()],
-                    duplicate_window: self.duplicate_window,
-                    ..Default::default()
-                };
-                conn.js.create_stream(config).await.map_err(|e| {
-                    self.retry(format!(
-                        "cannot create stream {} for {ours}: {e}",
-                        self.stream
-                    ))
-                })?;
-                tracing::info!(
-                    output = %self.name,
-                    stream = %self.stream,
-                    subject = %ours,
-                    duplicate_window_secs = self.duplicate_window.as_secs(),
-                    "created the JetStream stream"
-                );
-                Ok(())
-            }
-            Err(e) => Err(self.retry(format!("cannot look up stream {}: {e}", self.stream))),
-        }
     }
 
     /// Publishes every item, at most `max_ack_pending` unacknowledged at once.
@@ -459,7 +365,8 @@ impl NatsSink {
                             c.stream_ready = false;
                         }
                         format!(
-                            "no JetStream stream captures {} (item {})",
+                            "no JetStream stream answered for {} (item {}): none captures \
+                             the subject, or the server's JetStream is shutting down",
                             self.subject.render(&item.site, &item.device),
                             item.id
                         )
@@ -477,6 +384,15 @@ impl NatsSink {
     }
 }
 
+/// A JetStream context whose in-flight limit is the output's.
+fn context(client: async_nats::Client, max_ack_pending: usize) -> jetstream::Context {
+    jetstream::ContextBuilder::new()
+        .timeout(ACK_TIMEOUT)
+        .ack_timeout(ACK_TIMEOUT)
+        .max_ack_inflight(max_ack_pending)
+        .build(client)
+}
+
 /// Runs `fut` unless the connection is lost first (`None`).
 async fn while_connected<T>(
     lost: &mut watch::Receiver<u64>,
@@ -490,20 +406,6 @@ async fn while_connected<T>(
     }
 }
 
-/// The client's connection events: logs them and wakes deliveries on a disconnect.
-fn on_event(name: &str, lost: &watch::Sender<u64>, event: Event) {
-    match event {
-        Event::Disconnected => {
-            lost.send_modify(|n| *n += 1);
-            tracing::warn!(output = %name, "disconnected from NATS; reconnecting");
-        }
-        Event::Connected => tracing::info!(output = %name, "reconnected to NATS"),
-        Event::ClientError(e) => tracing::warn!(output = %name, error = %e, "NATS client"),
-        Event::ServerError(e) => tracing::warn!(output = %name, error = %e, "NATS server"),
-        other => tracing::debug!(output = %name, event = %other, "NATS"),
-    }
-}
-
 impl Sink for NatsSink {
     fn kind(&self) -> &'static str {
         "nats"
@@ -513,12 +415,12 @@ impl Sink for NatsSink {
         Box::pin(async move {
             let out = self.publish_all(delivery).await;
             if out.is_err() {
-                // Publishes of this attempt still hold the old context's permits.
-                if let Some(client) = self.conn.as_ref().map(|c| c.client.clone()) {
-                    let js = self.context(client);
-                    if let Some(c) = self.conn.as_mut() {
-                        c.js = js;
-                    }
+                // Unanswered publishes of this attempt hold permits of the context's
+                // in-flight limit until they time out; the retry gets a fresh limit. (On a
+                // connection that still works they stay ahead of the retry, in order.)
+                let max = self.max_ack_pending;
+                if let Some(c) = self.conn.as_mut() {
+                    c.js = context(c.client.clone(), max);
                 }
             }
             out
