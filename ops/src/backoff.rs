@@ -46,8 +46,15 @@ impl Backoff {
 
     /// The upper bound of the next delay.
     pub fn ceiling(&self) -> Duration {
-        let factor = 1u32.checked_shl(self.failures.min(30)).unwrap_or(u32::MAX);
-        self.min.saturating_mul(factor).min(self.max)
+        Backoff::ceiling_after(self.min, self.max, self.failures)
+    }
+
+    /// The upper bound of the delay after `failures` earlier failures in a row,
+    /// `min(min · 2^failures, max)`, without keeping state: for a caller that counts the
+    /// failures itself (an output worker asks its sink for retry number n).
+    pub fn ceiling_after(min: Duration, max: Duration, failures: u32) -> Duration {
+        let factor = 1u32.checked_shl(failures.min(30)).unwrap_or(u32::MAX);
+        min.saturating_mul(factor).min(max.max(min))
     }
 
     /// Consecutive failures so far.
@@ -89,5 +96,19 @@ mod tests {
         b.reset();
         assert_eq!(b.ceiling(), Duration::from_millis(100));
         assert_eq!(b.failures(), 0);
+    }
+
+    #[test]
+    fn ceiling_after_doubles_from_min_to_max() {
+        let (min, max) = (Duration::from_millis(500), Duration::from_secs(30));
+        let got: Vec<u64> = (0..9)
+            .map(|n| Backoff::ceiling_after(min, max, n).as_millis() as u64)
+            .collect();
+        assert_eq!(
+            got,
+            [500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]
+        );
+        assert_eq!(Backoff::ceiling_after(min, max, u32::MAX), max);
+        assert_eq!(Backoff::ceiling_after(min, Duration::ZERO, 3), min);
     }
 }

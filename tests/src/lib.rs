@@ -1,6 +1,7 @@
 //! Shared helpers for Outpost's end-to-end tests and benchmarks.
 pub mod gateway;
 pub mod mosquitto;
+pub mod nats;
 pub mod pki;
 pub mod postgres;
 pub mod powercut;

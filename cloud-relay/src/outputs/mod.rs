@@ -12,8 +12,10 @@
 //! |---|---|
 //! | [`config`] | the `[outputs]` section: keys, defaults, validation |
 //! | [`sink`] | what a receiver kind implements, and the items it is given |
+//! | [`nats`] | the NATS JetStream kind: one message per punch, `Nats-Msg-Id` = its id |
 //! | [`webhook`] | the webhook receiver kind: signed Standard Webhooks calls, SSRF guard |
 
 pub mod config;
+pub mod nats;
 pub mod sink;
 pub mod webhook;
