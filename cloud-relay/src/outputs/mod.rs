@@ -12,6 +12,26 @@
 //! |---|---|
 //! | [`config`] | the `[outputs]` section: keys, defaults, validation |
 //! | [`sink`] | what a receiver kind implements, and the items it is given |
+//! | [`supervisor`] | which outputs run: a worker per output, handed its sink |
+//! | [`worker`] | one output's loop, and what happens to each punch on every failure |
+//! | [`delivery`] | a delivery built from stored punches, the same on every attempt |
+//! | [`lease`] | which relay runs an output (PostgreSQL), and when it must stop |
+//! | [`wake`] | how an idle worker learns of new punches |
+//! | [`control`] | status, replay and enable, for the admin API |
+//! | [`api`] | `GET /v1/outputs`, `POST /v1/outputs/{name}/replay` and `/enable` |
+//!
+//! The durable state itself (cursor, in-flight delivery, health, lease) lives in the
+//! store: [`crate::store::output_state`].
 
+pub mod api;
 pub mod config;
+pub mod control;
+pub mod delivery;
+pub mod lease;
 pub mod sink;
+pub mod supervisor;
+pub mod wake;
+pub mod worker;
+
+#[cfg(test)]
+mod tests;

@@ -474,14 +474,17 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<Vec<RejectedRow>, StoreError>>;
 
     /// The highest cursor of a punch stored before `stored_before_ms` (relay clock, Unix
-    /// ms), 0 when none: where a replay "from a time" starts (`i64::MAX`: the head).
-    fn cursor_before(&self, stored_before_ms: i64) -> BoxFuture<'_, Result<u64, StoreError>>;
+    /// ms), `None` when none: where a replay "from a time" starts (`i64::MAX`: the head).
+    fn cursor_before(
+        &self,
+        stored_before_ms: i64,
+    ) -> BoxFuture<'_, Result<Option<u64>, StoreError>>;
 
-    /// The punches after cursor `after` whose site is in `sites` (empty = every site):
-    /// how many (exact) and the oldest `stored_at`.
+    /// The punches after cursor `after` (`None`: all) whose site is in `sites` (empty =
+    /// every site): how many (exact) and the oldest `stored_at`.
     fn backlog<'a>(
         &'a self,
-        after: u64,
+        after: Option<u64>,
         sites: &'a [String],
     ) -> BoxFuture<'a, Result<Backlog, StoreError>>;
 

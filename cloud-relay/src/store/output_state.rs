@@ -32,8 +32,9 @@ pub struct OutputState {
     /// Bumped by every write; writes are compare-and-set on it (module docs).
     pub version: u64,
     /// The last delivered cursor: every punch at or before it was confirmed by the
-    /// receiver (or filtered out by the output's sites). 0 = nothing yet.
-    pub cursor: u64,
+    /// receiver (or filtered out by the output's sites). `None` = nothing yet (a store's
+    /// first punch may have cursor 0).
+    pub cursor: Option<u64>,
     /// The delivery being attempted, if any.
     pub in_flight: Option<InFlight>,
     /// Set while the output is disabled (410 Gone, or failing for too long).

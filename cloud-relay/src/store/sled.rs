@@ -761,13 +761,16 @@ impl Store for SledStore {
         Box::pin(self.blocking(move |i| i.rejected(after, limit)))
     }
 
-    fn cursor_before(&self, stored_before_ms: i64) -> BoxFuture<'_, Result<u64, StoreError>> {
+    fn cursor_before(
+        &self,
+        stored_before_ms: i64,
+    ) -> BoxFuture<'_, Result<Option<u64>, StoreError>> {
         Box::pin(self.cursor_before_of(stored_before_ms))
     }
 
     fn backlog<'a>(
         &'a self,
-        after: u64,
+        after: Option<u64>,
         sites: &'a [String],
     ) -> BoxFuture<'a, Result<Backlog, StoreError>> {
         Box::pin(self.backlog_of(after, sites))

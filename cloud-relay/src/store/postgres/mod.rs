@@ -144,13 +144,16 @@ impl Store for PgStore {
         Box::pin(query::rejected(&self.pool, after, limit))
     }
 
-    fn cursor_before(&self, stored_before_ms: i64) -> BoxFuture<'_, Result<u64, StoreError>> {
+    fn cursor_before(
+        &self,
+        stored_before_ms: i64,
+    ) -> BoxFuture<'_, Result<Option<u64>, StoreError>> {
         Box::pin(outputs::cursor_before(&self.pool, stored_before_ms))
     }
 
     fn backlog<'a>(
         &'a self,
-        after: u64,
+        after: Option<u64>,
         sites: &'a [String],
     ) -> BoxFuture<'a, Result<Backlog, StoreError>> {
         Box::pin(outputs::backlog(&self.pool, after, sites))

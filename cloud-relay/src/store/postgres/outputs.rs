@@ -72,7 +72,10 @@ fn row_to_state(r: &Row) -> Result<OutputState, StoreError> {
     };
     Ok(OutputState {
         version: r.try_get::<_, i64>(0).map_err(pg_err)? as u64,
-        cursor: r.try_get::<_, i64>(1).map_err(pg_err)? as u64,
+        cursor: r
+            .try_get::<_, Option<i64>>(1)
+            .map_err(pg_err)?
+            .map(|c| c as u64),
         in_flight,
         disabled,
         failures: r.try_get::<_, i32>(9).map_err(pg_err)? as u32,
@@ -136,7 +139,7 @@ pub(super) async fn write(
             &[
                 &name,
                 &(w.expect_version as i64),
-                &(s.cursor as i64),
+                &s.cursor.map(|c| c as i64),
                 &f.map(|f| f.id.as_str()),
                 &f.map(|f| f.through as i64),
                 &f.map(|f| f.created_ms),
@@ -213,11 +216,12 @@ pub(super) async fn release(pool: &Pool, name: &str, holder: &str) -> Result<(),
 /// The punches after `after` of `sites` (empty = all): how many, and the oldest.
 pub(super) async fn backlog(
     pool: &Pool,
-    after: u64,
+    after: Option<u64>,
     sites: &[String],
 ) -> Result<Backlog, StoreError> {
     let client = pool.get().await.map_err(pool_err)?;
-    let after = after.min(i64::MAX as u64) as i64;
+    // Identities start at 1: "after nothing" is after 0.
+    let after = after.map_or(0, |a| a.min(i64::MAX as u64) as i64);
     let row = client
         .query_one(
             "SELECT count(*), min(stored_at_ms) FROM punches WHERE id > $1 \
@@ -232,15 +236,21 @@ pub(super) async fn backlog(
     })
 }
 
-/// The highest cursor stored before `stored_before_ms`, 0 when none.
-pub(super) async fn cursor_before(pool: &Pool, stored_before_ms: i64) -> Result<u64, StoreError> {
+/// The highest cursor stored before `stored_before_ms`, `None` when none.
+pub(super) async fn cursor_before(
+    pool: &Pool,
+    stored_before_ms: i64,
+) -> Result<Option<u64>, StoreError> {
     let client = pool.get().await.map_err(pool_err)?;
     let row = client
         .query_one(
-            "SELECT coalesce(max(id), 0) FROM punches WHERE stored_at_ms < $1",
+            "SELECT max(id) FROM punches WHERE stored_at_ms < $1",
             &[&stored_before_ms],
         )
         .await
         .map_err(pg_err)?;
-    Ok(row.try_get::<_, i64>(0).map_err(pg_err)? as u64)
+    Ok(row
+        .try_get::<_, Option<i64>>(0)
+        .map_err(pg_err)?
+        .map(|c| c as u64))
 }

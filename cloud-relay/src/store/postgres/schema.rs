@@ -138,7 +138,7 @@ ALTER TABLE gateways ADD COLUMN seq_reuse bigint NOT NULL DEFAULT 0;
 CREATE TABLE outputs (
     name                 text    PRIMARY KEY,
     version              bigint  NOT NULL DEFAULT 0,
-    delivered_through    bigint  NOT NULL DEFAULT 0,
+    delivered_through    bigint,
     inflight_id          text,
     inflight_through     bigint,
     inflight_created_ms  bigint,

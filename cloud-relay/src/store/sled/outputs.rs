@@ -32,7 +32,7 @@ struct StoredOutput {
     #[n(0)]
     version: u64,
     #[n(1)]
-    cursor: u64,
+    cursor: Option<u64>,
     #[n(2)]
     in_flight: Option<StoredInFlight>,
     #[n(3)]
@@ -235,12 +235,12 @@ impl SledStore {
 
     pub(super) async fn backlog_of(
         &self,
-        after: u64,
+        after: Option<u64>,
         sites: &[String],
     ) -> Result<Backlog, StoreError> {
         let sites = sites.to_vec();
         self.blocking_store(move |s| {
-            let start = super::key_u64(T_ROW, after.saturating_add(1));
+            let start = super::key_u64(T_ROW, after.map_or(0, |a| a.saturating_add(1)));
             let mut out = Backlog::default();
             for item in s.inner.tree.range(start..vec![T_ROW + 1]) {
                 let (_, v) = item.map_err(io)?;
@@ -258,7 +258,10 @@ impl SledStore {
         .await
     }
 
-    pub(super) async fn cursor_before_of(&self, stored_before_ms: i64) -> Result<u64, StoreError> {
+    pub(super) async fn cursor_before_of(
+        &self,
+        stored_before_ms: i64,
+    ) -> Result<Option<u64>, StoreError> {
         self.blocking_store(move |s| {
             // From the newest row back: the first one stored before the time is the
             // highest such cursor.
@@ -266,10 +269,10 @@ impl SledStore {
                 let (k, v) = item.map_err(io)?;
                 let row: StoredRow = dec("punch row", &v)?;
                 if row.stored_at_ms < stored_before_ms {
-                    return super::be_u64("row key", &k[1..]);
+                    return super::be_u64("row key", &k[1..]).map(Some);
                 }
             }
-            Ok(0)
+            Ok(None)
         })
         .await
     }
