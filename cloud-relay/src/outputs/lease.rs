@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::store::{LeaseGrant, Store};
 
@@ -53,11 +53,24 @@ impl Timing {
     }
 }
 
-/// A held lease: `token` is cancelled when it is lost (or at shutdown).
+/// A held lease: `token` is cancelled when it is lost (or at shutdown). Dropping it
+/// (the worker's task ended or was aborted) stops the renewals too, so a dead worker
+/// never keeps its output's lease alive.
 pub struct Held {
     /// Cancelled when the lease is lost or the relay stops; deliveries stop with it.
     pub token: CancellationToken,
+    _stop_renewing: DropGuard,
     renewer: Option<JoinHandle<()>>,
+}
+
+impl Held {
+    fn new(token: CancellationToken, renewer: Option<JoinHandle<()>>) -> Held {
+        Held {
+            _stop_renewing: token.clone().drop_guard(),
+            token,
+            renewer,
+        }
+    }
 }
 
 impl Held {
@@ -86,12 +99,7 @@ pub async fn acquire(
         }
         let sent = Instant::now();
         match store.output_lease(name, holder, timing.length).await {
-            Ok(LeaseGrant::Always) => {
-                return Some(Held {
-                    token: cancel.child_token(),
-                    renewer: None,
-                })
-            }
+            Ok(LeaseGrant::Always) => return Some(Held::new(cancel.child_token(), None)),
             Ok(LeaseGrant::Held) => {
                 tracing::info!(output = name, holder, "took the output's lease");
                 let token = cancel.child_token();
@@ -103,10 +111,7 @@ pub async fn acquire(
                     sent,
                     token.clone(),
                 ));
-                return Some(Held {
-                    token,
-                    renewer: Some(renewer),
-                });
+                return Some(Held::new(token, Some(renewer)));
             }
             Ok(LeaseGrant::Busy { holder: other }) => {
                 if reported.as_deref() != Some(other.as_str()) {
