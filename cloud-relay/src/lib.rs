@@ -8,6 +8,8 @@
 //! - [`app`]: routes, query API, health, metrics; [`metrics`]: the Prometheus metrics.
 //! - [`state`]: what the handlers share; [`error`]: the JSON error body.
 //! - [`server`]: TLS, connections, graceful shutdown, `run`.
+//! - [`outputs`]: every stored punch handed on to webhooks and NATS, in cursor order.
+//! - [`admin_client`]: the CLI's client for the running relay's API.
 //!
 //! No module imports one that imports it back: `state`, `error` and `auth::ClientCert`
 //! are the shared pieces that `app`, `intake` and `server` all use (the wall clock is
@@ -15,6 +17,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin_client;
 pub mod app;
 pub mod auth;
 pub mod config;

@@ -19,6 +19,7 @@
 //! | [`wake`] | how an idle worker learns of new punches |
 //! | [`control`] | status, replay and enable, for the admin API |
 //! | [`api`] | `GET /v1/outputs`, `POST /v1/outputs/{name}/replay` and `/enable` |
+//! | [`table`] | `outpost-relay outputs`: the same, as a table |
 //!
 //! The durable state itself (cursor, in-flight delivery, health, lease) lives in the
 //! store: [`crate::store::output_state`].
@@ -30,6 +31,7 @@ pub mod delivery;
 pub mod lease;
 pub mod sink;
 pub mod supervisor;
+pub mod table;
 pub mod wake;
 pub mod worker;
 
