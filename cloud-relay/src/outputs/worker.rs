@@ -92,8 +92,8 @@ pub struct Worker {
 
 /// What step 2 (module docs) produced.
 enum Next {
-    /// Deliver this; `state` is the state written with its in-flight record.
-    Deliver(Delivery, u64, OutputState),
+    /// Deliver this (range end, and the state written with its in-flight record).
+    Deliver(Box<(Delivery, u64, OutputState)>),
     /// No punch after the cursor: wait for new ones.
     Idle,
     /// The state changed (a write moved it, or failed): read it again.
@@ -185,7 +185,10 @@ impl Worker {
                 }
             }
             match self.next(state).await {
-                Ok(Next::Deliver(d, through, state)) => self.attempt(held, d, through, state).await,
+                Ok(Next::Deliver(next)) => {
+                    let (d, through, state) = *next;
+                    self.attempt(held, d, through, state).await
+                }
                 Ok(Next::Idle) => {
                     tokio::select! {
                         _ = held.cancelled() => {}
@@ -231,7 +234,7 @@ impl Worker {
                 .collect();
             if rows.len() == f.items as usize {
                 let d = delivery::rebuild(&f, rows);
-                return Ok(Next::Deliver(d, f.through, state));
+                return Ok(Next::Deliver(Box::new((d, f.through, state))));
             }
             // Only a change of the output's sites between attempts gets here: the range
             // now holds other punches, so it is a new delivery, never the old id with
@@ -307,7 +310,7 @@ impl Worker {
             ..state
         };
         Ok(match self.write(expect, recorded).await? {
-            Some(state) => Next::Deliver(d, through, state),
+            Some(state) => Next::Deliver(Box::new((d, through, state))),
             None => Next::Again,
         })
     }
