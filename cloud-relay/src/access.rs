@@ -81,6 +81,21 @@ pub fn require_reader(state: &AppState, headers: &HeaderMap) -> Result<Caller, R
     ))
 }
 
+/// Authenticates an admin request (replay, enable): the admin token only; 401 otherwise.
+pub fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+    match bearer(headers.get(header::AUTHORIZATION)) {
+        Some(t) if state.admin.matches(t) => Ok(()),
+        _ => {
+            state.metrics.auth_failure("query");
+            Err(error_response(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this API needs `Authorization: Bearer <token>` with the admin token (auth.admin_token_file)",
+            ))
+        }
+    }
+}
+
 /// Refuses (403, `site_not_allowed`) a site the request names explicitly (`?site=`) that
 /// is outside the caller's scope; `None` (no site named) always passes.
 pub fn check_site(state: &AppState, caller: &Caller, site: Option<&str>) -> Result<(), Response> {

@@ -10,6 +10,9 @@
 //! | `GET /v1/gateways` | admin or read token | `{"gateways": [...]}` (a scoped reader: its sites' gateways) |
 //! | `GET /v1/conflicts` | admin or read token | `{"items": [...], "next_cursor": ...}` |
 //! | `GET /v1/rejected` | admin or read token | invalid records kept instead of stored, with `reason`: `{"items": [...], "next_cursor": ...}` |
+//! | `GET /v1/outputs` | admin or read token | each output's state, cursor, lag, last success and error, holder ([`crate::outputs::api`]) |
+//! | `POST /v1/outputs/{name}/replay` | admin token | `{"from": <cursor or RFC 3339 time>}`: deliver again from there |
+//! | `POST /v1/outputs/{name}/enable` | admin token | resume a disabled output |
 //! | `GET /health/live` | none | 200 while the process runs |
 //! | `GET /health/ready` | none | 200 when the store answers and the relay is not shutting down |
 //! | `GET /metrics` | none | Prometheus text ([`crate::metrics`]) |
@@ -23,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -31,7 +34,7 @@ use axum::{Json, Router};
 use outpost_protocol::json::{format_time, parse_time};
 use serde_json::{json, Value};
 
-use crate::access::read_scope;
+use crate::access::{read_scope, require_admin};
 use crate::auth::Scope;
 use crate::error::error_response;
 use crate::intake;
@@ -49,6 +52,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/gateways", get(gateways))
         .route("/v1/conflicts", get(conflicts))
         .route("/v1/rejected", get(rejected))
+        .route("/v1/outputs", get(outputs_list))
+        .route(
+            "/v1/outputs/{name}/replay",
+            post(outputs_replay).layer(axum::extract::DefaultBodyLimit::max(4096)),
+        )
+        .route("/v1/outputs/{name}/enable", post(outputs_enable))
         .route("/health/live", get(|| async { "ok\n" }))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -61,6 +70,37 @@ pub fn router(state: Arc<AppState>) -> Router {
             timeout,
         ))
         .with_state(state)
+}
+
+async fn outputs_list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let scope = match read_scope(&state, &headers, None) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    crate::outputs::api::list(&state, &scope).await
+}
+
+async fn outputs_replay(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(r) = require_admin(&state, &headers) {
+        return r;
+    }
+    crate::outputs::api::replay(&state, &name, &body).await
+}
+
+async fn outputs_enable(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Response {
+    if let Err(r) = require_admin(&state, &headers) {
+        return r;
+    }
+    crate::outputs::api::enable(&state, &name).await
 }
 
 fn bad_param(field: &str, message: &str) -> Response {

@@ -9,6 +9,8 @@
 //! - [`app`]: routes, query API, health, metrics; [`metrics`]: the Prometheus metrics.
 //! - [`state`]: what the handlers share; [`error`]: the JSON error body.
 //! - [`server`]: TLS, connections, graceful shutdown, `run`.
+//! - [`outputs`]: every stored punch handed on to webhooks and NATS, in cursor order.
+//! - [`admin_client`]: the CLI's client for the running relay's API.
 //!
 //! No module imports one that imports it back: `state`, `error`, `access` and
 //! `auth::ClientCert` are the shared pieces that `app`, `intake` and `server` all use (the wall clock is
@@ -17,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod access;
+pub mod admin_client;
 pub mod app;
 pub mod auth;
 pub mod config;

@@ -13,6 +13,7 @@
 //! outpost-relay reader revoke NAME             revoke it
 //! outpost-relay reader list                    list read tokens: name, added (Unix ms),
 //!                                              sites (`*` = every site); never tokens
+//! outpost-relay outputs [--json]               the outputs' state, from the running relay
 //! outpost-relay check-config                   validate the configuration and exit
 //! ```
 //!
@@ -52,6 +53,13 @@ enum Command {
     Reader {
         #[command(subcommand)]
         command: ReaderCommand,
+    },
+    /// Show each output's state, cursor, lag, last success and error, from the running
+    /// relay's API (at relay.listen, with the admin token).
+    Outputs {
+        /// Print the raw JSON of GET /v1/outputs.
+        #[arg(long)]
+        json: bool,
     },
     /// Validate the configuration (keys, TLS files, store URL) and exit.
     CheckConfig,
@@ -135,6 +143,27 @@ fn check_config(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `outpost-relay outputs`: `GET /v1/outputs` from the running relay, as a table.
+fn outputs(cfg: &Config, json: bool) -> anyhow::Result<()> {
+    outpost_relay::server::install_crypto_provider();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the tokio runtime")?;
+    let (status, body) = rt.block_on(outpost_relay::admin_client::get(cfg, "/v1/outputs"))?;
+    if status != 200 {
+        anyhow::bail!("the relay answered {status}: {}", body.trim());
+    }
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&body).context("the relay's answer is not JSON")?;
+    print!("{}", outpost_relay::outputs::table::render(&v));
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let cfg = match outpost_ops::config::load_from_env::<Config>(cli.config.as_deref()) {
@@ -158,6 +187,7 @@ fn main() -> ExitCode {
                 .and_then(|rt| rt.block_on(outpost_relay::server::run(cfg)))
         }
         Command::CheckConfig => check_config(&cfg),
+        Command::Outputs { json } => outputs(&cfg, json),
         Command::Gateway { command } => {
             let file = cfg.gateways_file();
             match command {

@@ -10,6 +10,12 @@
 //! | `outpost_relay_commit_seconds` | | store commit latency histogram |
 //! | `outpost_relay_open_connections` | | open TCP connections |
 //! | `outpost_relay_open_websockets` | | open uplink WebSockets |
+//! | `outpost_relay_output_lag_records` | `output` | punches stored after the output's cursor (of its sites), refreshed every few seconds |
+//! | `outpost_relay_output_deliveries_total` | `output` | deliveries the receiver confirmed |
+//! | `outpost_relay_output_punches_total` | `output` | punches in confirmed deliveries |
+//! | `outpost_relay_output_failures_total` | `output`, `kind` = retry, gone | failed attempts |
+//! | `outpost_relay_output_disables_total` | `output` | times the output was disabled (410 Gone, or failing for `disable_after_secs`) |
+//! | `outpost_relay_output_state` | `output`, `state` = active, retrying, disabled | 1 for the output's current state on this relay (all 0 while another relay holds it) |
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -39,6 +45,34 @@ pub struct Reason {
     pub reason: &'static str,
 }
 
+/// A single `output` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutputLabel {
+    /// The output's name.
+    pub output: String,
+}
+
+/// `output` and `kind` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutputKind {
+    /// The output's name.
+    pub output: String,
+    /// What happened.
+    pub kind: &'static str,
+}
+
+/// `output` and `state` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutputStateLabel {
+    /// The output's name.
+    pub output: String,
+    /// `active`, `retrying` or `disabled`.
+    pub state: &'static str,
+}
+
+/// The values of the `state` label of `outpost_relay_output_state`.
+pub const OUTPUT_STATES: [&str; 3] = ["active", "retrying", "disabled"];
+
 /// Every relay metric, and the registry that renders them.
 pub struct Metrics {
     registry: Registry,
@@ -58,6 +92,18 @@ pub struct Metrics {
     pub open_connections: Gauge,
     /// Open uplink WebSockets.
     pub open_websockets: Gauge,
+    /// Per output: punches after its cursor.
+    pub output_lag: Family<OutputLabel, Gauge>,
+    /// Per output: confirmed deliveries.
+    pub output_deliveries: Family<OutputLabel, Counter>,
+    /// Per output: punches in confirmed deliveries.
+    pub output_punches: Family<OutputLabel, Counter>,
+    /// Per output and kind: failed attempts.
+    pub output_failures: Family<OutputKind, Counter>,
+    /// Per output: times it was disabled.
+    pub output_disables: Family<OutputLabel, Counter>,
+    /// Per output and state: 1 for the current state.
+    pub output_state: Family<OutputStateLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -80,6 +126,12 @@ impl Metrics {
             commit_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             open_connections: Gauge::default(),
             open_websockets: Gauge::default(),
+            output_lag: Family::default(),
+            output_deliveries: Family::default(),
+            output_punches: Family::default(),
+            output_failures: Family::default(),
+            output_disables: Family::default(),
+            output_state: Family::default(),
         };
         registry.register("batches", "Batches received, by outcome", m.batches.clone());
         registry.register(
@@ -113,7 +165,50 @@ impl Metrics {
             "Open uplink WebSockets",
             m.open_websockets.clone(),
         );
+        registry.register(
+            "output_lag_records",
+            "Punches stored after the output's cursor (of its sites)",
+            m.output_lag.clone(),
+        );
+        registry.register(
+            "output_deliveries",
+            "Deliveries the receiver confirmed, by output",
+            m.output_deliveries.clone(),
+        );
+        registry.register(
+            "output_punches",
+            "Punches in confirmed deliveries, by output",
+            m.output_punches.clone(),
+        );
+        registry.register(
+            "output_failures",
+            "Failed delivery attempts, by output and kind (retry, gone)",
+            m.output_failures.clone(),
+        );
+        registry.register(
+            "output_disables",
+            "Times an output was disabled, by output",
+            m.output_disables.clone(),
+        );
+        registry.register(
+            "output_state",
+            "1 for the output's current state on this relay (active, retrying, disabled)",
+            m.output_state.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Sets output `name`'s state gauge to `state` (one of [`OUTPUT_STATES`]), or all
+    /// three to 0 with `None` (another relay runs it, or the relay is stopping).
+    pub fn set_output_state(&self, name: &str, state: Option<&'static str>) {
+        for s in OUTPUT_STATES {
+            self.output_state
+                .get_or_create(&OutputStateLabel {
+                    output: name.to_string(),
+                    state: s,
+                })
+                .set(i64::from(Some(s) == state));
+        }
     }
 
     /// The OpenMetrics text.

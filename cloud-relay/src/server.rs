@@ -4,7 +4,10 @@
 //! Shutdown (SIGTERM or SIGINT, via the `CancellationToken`): stop accepting; ask every
 //! HTTP connection to finish its current request and close; WebSockets stop reading, wait
 //! for their in-flight commits, send their acks and close with 1001; then wait up to
-//! `relay.shutdown_grace_secs` for all of it, and close the store.
+//! `relay.shutdown_grace_secs` for all of it, and close the store. Output workers
+//! (`crate::outputs`) stop at the same token (an attempt in progress is abandoned: its
+//! in-flight record makes the next start send it again) and give up their leases before
+//! the store closes.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -27,6 +30,8 @@ use outpost_ops::token::AdminToken;
 
 use crate::auth::{self, ClientCert, GatewayCreds, Gateways};
 use crate::config::{Config, StoreKind};
+use crate::outputs::sink::Sink;
+use crate::outputs::supervisor::{holder_id, OutputSpec, Supervisor, SupervisorSettings};
 use crate::state::AppState;
 use crate::store::postgres::PgStore;
 use crate::store::sled::SledStore;
@@ -199,8 +204,22 @@ async fn serve_conn<S>(
     }
 }
 
-/// `outpost-relay run`: everything, until SIGTERM/SIGINT.
+/// `outpost-relay run`: everything, until SIGTERM/SIGINT, with the configured outputs.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    // The sinks' HTTP and NATS clients use rustls; the provider must be set first.
+    install_crypto_provider();
+    let outputs = crate::outputs::build::sinks(&cfg.outputs)
+        .context("cannot set up an output from [outputs]; fix it in the relay config")?;
+    run_with_outputs(cfg, outputs).await
+}
+
+/// `outpost-relay run` with `outputs`: each output's spec and the sink that delivers it
+/// (empty: no output runs, and nothing changes for the relay). Everything runs until
+/// SIGTERM/SIGINT.
+pub async fn run_with_outputs(
+    cfg: Config,
+    outputs: Vec<(OutputSpec, Box<dyn Sink>)>,
+) -> anyhow::Result<()> {
     install_crypto_provider();
     let tls = if cfg.tls.disabled {
         tracing::warn!("tls.disabled = true: serving plain HTTP; gateway tokens travel in clear text. Use this only for local development");
@@ -243,6 +262,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         readers.clone(),
         admin,
         cfg.limits.clone(),
+        cancel.clone(),
+        outputs.iter().map(|(spec, _)| spec.clone()).collect(),
+    );
+    let supervisor = Supervisor::start(
+        store.clone(),
+        outputs,
+        SupervisorSettings::new(
+            holder_id(cfg.relay.listen),
+            Duration::from_secs(cfg.outputs.lease_timeout_secs),
+        ),
+        state.metrics.clone(),
         cancel.clone(),
     );
     let every = Duration::from_millis(cfg.auth.reload_interval_ms);
@@ -295,6 +325,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .is_err()
     {
         tracing::warn!("some commits did not finish within relay.shutdown_grace_secs; their batches were not acked and will be resent");
+    }
+    if tokio::time::timeout(grace, supervisor.stopped())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some outputs did not stop within relay.shutdown_grace_secs; their in-flight deliveries are sent again at the next start");
     }
     signals.abort();
     let _ = watcher.await;

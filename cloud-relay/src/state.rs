@@ -16,6 +16,7 @@ use outpost_ops::token::AdminToken;
 use crate::auth::GatewayCreds;
 use crate::config::LimitsSection;
 use crate::metrics::Metrics;
+use crate::outputs::supervisor::OutputSpec;
 use crate::store::Store;
 
 /// Everything the handlers share.
@@ -38,10 +39,12 @@ pub struct AppState {
     pub cancel: CancellationToken,
     /// Commits and WebSockets that shutdown waits for.
     pub tracker: TaskTracker,
+    /// The outputs this relay runs (`GET /v1/outputs`).
+    pub outputs: Vec<OutputSpec>,
 }
 
 impl AppState {
-    /// State for `store` with the given credentials, token and limits.
+    /// State for `store` with the given credentials, token, limits and outputs.
     pub fn new(
         store: Arc<dyn Store>,
         creds: GatewayCreds,
@@ -49,6 +52,7 @@ impl AppState {
         admin: AdminToken,
         limits: LimitsSection,
         cancel: CancellationToken,
+        outputs: Vec<OutputSpec>,
     ) -> Arc<AppState> {
         Arc::new(AppState {
             store,
@@ -60,6 +64,7 @@ impl AppState {
             limits,
             cancel,
             tracker: TaskTracker::new(),
+            outputs,
         })
     }
 }

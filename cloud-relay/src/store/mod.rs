@@ -65,6 +65,7 @@
 //! gap). [`Store::head`] is the highest visible cursor, and [`Store::subscribe`] wakes
 //! readers when it may have moved.
 
+pub mod output_state;
 pub mod postgres;
 pub mod sled;
 
@@ -74,6 +75,8 @@ use std::pin::Pin;
 use outpost_protocol::json::{format_time, punch_to_json};
 use outpost_protocol::{Batch, Id, Received, Record, TimeAnchor};
 use serde_json::{Map, Value};
+
+pub use output_state::{Backlog, Disabled, InFlight, LeaseGrant, OutputState, OutputWrite};
 
 /// A boxed, sendable future: the trait's methods return these so it can be used as
 /// `dyn Store`.
@@ -516,6 +519,49 @@ pub trait Store: Send + Sync + 'static {
     /// value is the highest cursor this process knows of; it is a wake-up hint, readers
     /// always re-query after it.
     fn subscribe(&self) -> tokio::sync::watch::Receiver<u64>;
+
+    /// The highest cursor of a punch stored before `stored_before_ms` (relay clock, Unix
+    /// ms), `None` when none: where a replay "from a time" starts (`i64::MAX`: the head).
+    fn cursor_before(
+        &self,
+        stored_before_ms: i64,
+    ) -> BoxFuture<'_, Result<Option<u64>, StoreError>>;
+
+    /// The punches after cursor `after` (`None`: all) whose site is in `sites` (empty =
+    /// every site): how many (exact) and the oldest `stored_at`.
+    fn backlog<'a>(
+        &'a self,
+        after: Option<u64>,
+        sites: &'a [String],
+    ) -> BoxFuture<'a, Result<Backlog, StoreError>>;
+
+    /// The state of output `name` ([`output_state`]); the default (version 0, cursor 0)
+    /// for an output that never ran.
+    fn output_state<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<OutputState, StoreError>>;
+
+    /// A compare-and-set write of output `name`'s state ([`output_state`], "Versioned
+    /// writes"): `Some(new state)` once durable, `None` when the version moved or the
+    /// writer no longer holds the lease (nothing written).
+    fn output_write<'a>(
+        &'a self,
+        name: &'a str,
+        write: OutputWrite,
+    ) -> BoxFuture<'a, Result<Option<OutputState>, StoreError>>;
+
+    /// Takes or renews the lease on output `name` for `holder`, for `ttl` from now.
+    fn output_lease<'a>(
+        &'a self,
+        name: &'a str,
+        holder: &'a str,
+        ttl: std::time::Duration,
+    ) -> BoxFuture<'a, Result<LeaseGrant, StoreError>>;
+
+    /// Gives up `holder`'s lease on `name` (shutdown), so another relay takes it at once.
+    fn output_release<'a>(
+        &'a self,
+        name: &'a str,
+        holder: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
 
     /// Succeeds when the store can take commits now.
     fn ready(&self) -> BoxFuture<'_, Result<(), StoreError>>;

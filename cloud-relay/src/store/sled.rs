@@ -16,6 +16,7 @@
 //! | `w` gateway boot_id row_id | empty: the row still waits for a corrected time |
 //! | `c` conflict_id | [`StoredConflict`] |
 //! | `r` rejected_id | [`StoredRejected`]: an invalid record (module docs of `store`) |
+//! | `o` name | an output's state (`outputs`, a private file of this module) |
 //!
 //! ## Commit and failures
 //!
@@ -87,10 +88,12 @@ use minicbor::{Decode, Encode};
 use outpost_protocol::{Batch, BootId, Id, Punch, Record, TimeAnchor};
 
 use super::{
-    best_anchors, corrected_time, invalid_reason, BoxFuture, CommitOutcome, ConflictRow,
-    GatewayInfo, HeldQuery, PunchPage, PunchQuery, PunchRow, RejectedRow, SeqRanges, Store,
-    StoreError, MAX_RANGES,
+    best_anchors, corrected_time, invalid_reason, Backlog, BoxFuture, CommitOutcome, ConflictRow,
+    GatewayInfo, HeldQuery, LeaseGrant, OutputState, OutputWrite, PunchPage, PunchQuery, PunchRow,
+    RejectedRow, SeqRanges, Store, StoreError, MAX_RANGES,
 };
+
+mod outputs;
 
 /// A stored punch (value of a `p` key).
 #[derive(Debug, Clone, Encode, Decode)]
@@ -248,7 +251,11 @@ struct Inner {
     dir: PathBuf,
     /// Serialises commits (see the module docs).
     commit_lock: Mutex<()>,
-    /// The generation of the last applied write (taken under `commit_lock`).
+    /// Serialises output state writes (compare-and-set; `outputs`).
+    outputs_lock: Mutex<()>,
+    /// The generation of the last applied write, taken right after the write was applied
+    /// (under `commit_lock` or `outputs_lock`): a flush that starts after reading it
+    /// covers every write up to it.
     applied: AtomicU64,
     /// The highest generation known durable (flushed and fsynced). Held for the whole
     /// flush + sync, so that one round runs at a time and waiting commits share the next.
@@ -393,6 +400,7 @@ impl SledStore {
                 tree,
                 dir: dir.to_path_buf(),
                 commit_lock: Mutex::new(()),
+                outputs_lock: Mutex::new(()),
                 applied: AtomicU64::new(0),
                 durable: tokio::sync::Mutex::new(0),
                 syncs: AtomicU64::new(0),
@@ -830,6 +838,51 @@ impl Store for SledStore {
 
     fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.head_tx.subscribe()
+    }
+
+    fn cursor_before(
+        &self,
+        stored_before_ms: i64,
+    ) -> BoxFuture<'_, Result<Option<u64>, StoreError>> {
+        Box::pin(self.cursor_before_of(stored_before_ms))
+    }
+
+    fn backlog<'a>(
+        &'a self,
+        after: Option<u64>,
+        sites: &'a [String],
+    ) -> BoxFuture<'a, Result<Backlog, StoreError>> {
+        Box::pin(self.backlog_of(after, sites))
+    }
+
+    fn output_state<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<OutputState, StoreError>> {
+        Box::pin(self.output_state_of(name))
+    }
+
+    fn output_write<'a>(
+        &'a self,
+        name: &'a str,
+        write: OutputWrite,
+    ) -> BoxFuture<'a, Result<Option<OutputState>, StoreError>> {
+        Box::pin(self.output_write_of(name, write))
+    }
+
+    fn output_lease<'a>(
+        &'a self,
+        name: &'a str,
+        holder: &'a str,
+        _ttl: std::time::Duration,
+    ) -> BoxFuture<'a, Result<LeaseGrant, StoreError>> {
+        Box::pin(self.output_lease_of(name, holder))
+    }
+
+    fn output_release<'a>(
+        &'a self,
+        _name: &'a str,
+        _holder: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        // Nothing to hand over: no other process can open this store meanwhile.
+        Box::pin(async { Ok(()) })
     }
 
     fn ready(&self) -> BoxFuture<'_, Result<(), StoreError>> {

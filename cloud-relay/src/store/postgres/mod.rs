@@ -5,6 +5,7 @@
 //! - `commit`: one batch, one transaction, a fixed number of round trips.
 //! - `query`: the query API's reads.
 //! - `listen`: the `LISTEN` task behind [`Store::subscribe`], on its own connection.
+//! - `outputs`: output state and the lease that says which relay runs an output.
 //! - `error`: how PostgreSQL failures become [`StoreError`]s.
 //!
 //! This file holds the store type: connecting (pool, TLS, migrations) and the [`Store`]
@@ -21,6 +22,7 @@
 mod commit;
 mod error;
 mod listen;
+mod outputs;
 mod query;
 mod schema;
 mod tls;
@@ -39,8 +41,8 @@ pub use schema::MIGRATIONS;
 pub use tls::PgTls;
 
 use super::{
-    BoxFuture, CommitOutcome, ConflictRow, GatewayInfo, HeldQuery, PunchPage, PunchQuery,
-    RejectedRow, Store, StoreError,
+    Backlog, BoxFuture, CommitOutcome, ConflictRow, GatewayInfo, HeldQuery, LeaseGrant,
+    OutputState, OutputWrite, PunchPage, PunchQuery, RejectedRow, Store, StoreError,
 };
 use crate::config::PgTlsMode;
 use tls::{connect_err, resolve_tls, tls_connector};
@@ -182,6 +184,50 @@ impl Store for PgStore {
 
     fn subscribe(&self) -> watch::Receiver<u64> {
         self.head.subscribe()
+    }
+
+    fn cursor_before(
+        &self,
+        stored_before_ms: i64,
+    ) -> BoxFuture<'_, Result<Option<u64>, StoreError>> {
+        Box::pin(outputs::cursor_before(&self.pool, stored_before_ms))
+    }
+
+    fn backlog<'a>(
+        &'a self,
+        after: Option<u64>,
+        sites: &'a [String],
+    ) -> BoxFuture<'a, Result<Backlog, StoreError>> {
+        Box::pin(outputs::backlog(&self.pool, after, sites))
+    }
+
+    fn output_state<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<OutputState, StoreError>> {
+        Box::pin(outputs::state(&self.pool, name))
+    }
+
+    fn output_write<'a>(
+        &'a self,
+        name: &'a str,
+        write: OutputWrite,
+    ) -> BoxFuture<'a, Result<Option<OutputState>, StoreError>> {
+        Box::pin(async move { outputs::write(&self.pool, name, &write).await })
+    }
+
+    fn output_lease<'a>(
+        &'a self,
+        name: &'a str,
+        holder: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<LeaseGrant, StoreError>> {
+        Box::pin(outputs::lease(&self.pool, name, holder, ttl))
+    }
+
+    fn output_release<'a>(
+        &'a self,
+        name: &'a str,
+        holder: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(outputs::release(&self.pool, name, holder))
     }
 
     fn ready(&self) -> BoxFuture<'_, Result<(), StoreError>> {

@@ -18,6 +18,9 @@
 //!   range is a duplicate.
 //! - `gateways`: per-gateway counters and last seen (`seq_reuse`: migration 3);
 //!   `anchors`: best anchor per boot.
+//! - `outputs` (the outputs migration): per output name, its durable state
+//!   (`store::output_state`) and its lease (`holder`, `lease_expires` by the database
+//!   clock); see `outputs.rs`.
 //!
 //! u64 values (epochs, sequence numbers) are stored as `bigint` with the same 64 bits
 //! (`as i64`), so values at or above 2^63 (derived device_seq) are negative in SQL.
@@ -148,6 +151,29 @@ CREATE INDEX punches_site_pos ON punches (site_id, pos);
 CREATE INDEX punches_subject_pos ON punches (subject_id, pos);
 CREATE SEQUENCE punches_pos_seq AS bigint;
 SELECT setval('punches_pos_seq', (SELECT coalesce(max(pos), 0) + 1 FROM punches), false);
+"#,
+    // 5: outputs: one row per output name, its durable progress and its lease (outputs.rs).
+    r#"
+CREATE TABLE outputs (
+    name                 text    PRIMARY KEY,
+    version              bigint  NOT NULL DEFAULT 0,
+    delivered_through    bigint,
+    inflight_id          text,
+    inflight_through     bigint,
+    inflight_created_ms  bigint,
+    inflight_items       integer,
+    inflight_uncorrected bigint[],
+    disabled_reason      text,
+    disabled_ms          bigint,
+    failures             integer NOT NULL DEFAULT 0,
+    failing_since_ms     bigint,
+    last_success_ms      bigint,
+    last_error           text,
+    next_attempt_ms      bigint,
+    replays              bigint  NOT NULL DEFAULT 0,
+    holder               text,
+    lease_expires        timestamptz
+);
 "#,
 ];
 
