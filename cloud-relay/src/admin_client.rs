@@ -14,11 +14,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
+use outpost_ops::pinned::PinnedCert;
 use outpost_ops::token::AdminToken;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use crate::config::Config;
@@ -45,76 +43,11 @@ pub enum ClientError {
     },
 }
 
-/// The address to reach a server listening on `listen`: wildcard addresses become loopback.
-pub fn local_addr(listen: SocketAddr) -> SocketAddr {
-    let mut a = listen;
-    if a.ip().is_unspecified() {
-        a.set_ip(match a {
-            SocketAddr::V4(_) => [127, 0, 0, 1].into(),
-            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
-    }
-    a
-}
+pub use outpost_ops::addr::local_addr;
 
-/// Accepts exactly the relay's own certificate (module docs).
-#[derive(Debug)]
-struct OwnCert {
-    cert: CertificateDer<'static>,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for OwnCert {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if end_entity.as_ref() == self.cert.as_ref() {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(
-                "the server's certificate is not the one in tls.cert_file: another program listens on relay.listen".into(),
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+/// The refusal when the peer is not the relay whose `tls.cert_file` the config names.
+fn not_own_cert(_got_hex: &str) -> String {
+    "the server's certificate is not the one in tls.cert_file: another program listens on relay.listen".into()
 }
 
 /// `GET path` on the running relay with the admin token: the status and the body.
@@ -153,7 +86,11 @@ pub async fn get(cfg: &Config, path: &str) -> Result<(u16, String), ClientError>
                 .with_safe_default_protocol_versions()
                 .map_err(|e| talk(e.to_string()))?
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(OwnCert { cert, provider }))
+                .with_custom_certificate_verifier(Arc::new(PinnedCert::of(
+                    &cert,
+                    provider,
+                    not_own_cert,
+                )))
                 .with_no_client_auth();
             let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
                 .connect(ServerName::IpAddress(addr.ip().into()), tcp)

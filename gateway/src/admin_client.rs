@@ -26,17 +26,7 @@ pub enum ClientError {
     NotHttp(SocketAddr),
 }
 
-/// The address to reach a server listening on `listen`: wildcard addresses become loopback.
-pub fn local_addr(listen: SocketAddr) -> SocketAddr {
-    let mut a = listen;
-    if a.ip().is_unspecified() {
-        a.set_ip(match a {
-            SocketAddr::V4(_) => [127, 0, 0, 1].into(),
-            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
-    }
-    a
-}
+pub use outpost_ops::addr::local_addr;
 
 /// Sends `GET path` with a bearer token; returns the status and a reader positioned at the body.
 pub fn get(addr: SocketAddr, path: &str, token: &str) -> Result<(u16, Box<dyn Read>), ClientError> {

@@ -4,6 +4,7 @@
 //! Both daemons are run the same way, so the code that makes them so lives here once
 //! instead of in two copies that drift apart:
 //!
+//! - [`addr`]: the address a daemon's CLI uses to reach it (wildcards become loopback).
 //! - [`backoff`]: exponential backoff with jitter between connection attempts.
 //! - [`bearer`](mod@bearer): the token of an `Authorization: Bearer` header.
 //! - [`config`]: load a TOML file, apply `OUTPOST_<SECTION>__<KEY>` environment overrides
@@ -20,6 +21,7 @@
 //! - [`logging`]: the `tracing` subscriber, plain text when stderr is not a terminal and
 //!   without timestamps under journald.
 //! - [`pem`]: certificate chains, private keys and CA files, with errors naming the file.
+//! - [`pinned`]: a TLS verifier accepting exactly one certificate, by its SHA-256.
 //! - [`signal`]: waiting for SIGTERM or SIGINT.
 //! - [`sled`](mod@sled): opening sled while a just-closed handle still holds its lock.
 //! - [`time`]: the wall clock as Unix milliseconds.
@@ -27,6 +29,7 @@
 //! Nothing protocol-related belongs here: the wire format is `outpost-protocol`, which
 //! device firmware builds without `std`, and which does not depend on this crate.
 
+pub mod addr;
 pub mod backoff;
 pub mod bearer;
 pub mod config;
@@ -35,6 +38,7 @@ pub mod env;
 pub mod file;
 pub mod logging;
 pub mod pem;
+pub mod pinned;
 pub mod reload;
 pub mod signal;
 pub mod sled;

@@ -20,6 +20,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use outpost_ops::pem::{self, PemError};
+use outpost_ops::pinned::PinnedCert;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
@@ -30,7 +31,6 @@ mod pin;
 
 pub use error::{SettingError, TlsError};
 pub use pin::parse_pin;
-use pin::PinnedCert;
 
 /// The TLS settings of `[uplink]` (see `UplinkConfig` for each key).
 #[derive(Debug, Clone, Copy, Default)]
@@ -154,7 +154,11 @@ pub fn client_config<'a>(
         let pin = parse_pin(pin)?;
         builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedCert { pin, provider }))
+            .with_custom_certificate_verifier(Arc::new(PinnedCert::new(
+                pin,
+                provider,
+                pin::not_pinned,
+            )))
     } else {
         let roots = match settings.ca_file {
             Some(path) => load_ca_file(path)?,
