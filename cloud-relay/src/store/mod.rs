@@ -64,6 +64,23 @@
 //! Cursors increase but are not contiguous (a rolled-back commit, a conflict, leaves a
 //! gap). [`Store::head`] is the highest visible cursor, and [`Store::subscribe`] wakes
 //! readers when it may have moved.
+//!
+//! ## One position space: the event stream
+//!
+//! Conflicts, rejected records and relay notices ([`Notice`]: an output disabled or
+//! enabled) take their position from the **same** counter as punches, in the same commit
+//! and under the same rule (PostgreSQL: the same sequence under the same advisory lock, in
+//! the same transaction; sled: the same row-id generator under the commit mutex, covered
+//! by the durable head). So [`Store::stream`] reads one stream of every kind in position
+//! order ([`StreamRow`]), and the guarantee above holds for all kinds at once: an output
+//! keeps *one* cursor for everything it delivers, and a conflict is never overtaken by a
+//! later punch nor the other way round. Punch cursors get gaps where other kinds sit
+//! (already allowed: cursors are not contiguous). A notice is appended by
+//! [`Store::append_notice`], idempotently by its [`Notice::key`], so a retried write never
+//! stores it twice. Conflicts and rejected records stored by PostgreSQL before its
+//! migration 6 have no position and are not in the stream (they stay in
+//! `/v1/conflicts` and `/v1/rejected`); sled always took their ids from the punch counter,
+//! so its old ones are in the stream at their place.
 
 pub mod output_state;
 pub mod postgres;
@@ -405,6 +422,77 @@ pub struct RejectedRow {
     pub reason: String,
 }
 
+/// A relay notice: something the relay itself reports to the outputs that want
+/// `gateway` events (an output disabled or enabled now; gateway alerts later). Stored in
+/// the event stream with a position like a punch (module docs, "One position space").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    /// Identity for idempotent appends: appending a notice whose key is stored already
+    /// stores nothing and returns the stored one's cursor (e.g.
+    /// `output.disabled/<output>/<at_ms>`).
+    pub key: String,
+    /// What happened, e.g. `output.disabled`.
+    pub kind: String,
+    /// The output it is about, if any (that output itself is not sent the notice).
+    pub output: Option<String>,
+    /// The notice's fields besides `id`, `cursor`, `kind` and `at` (kept as JSON text).
+    pub fields: Map<String, Value>,
+    /// When it happened (relay clock, Unix ms).
+    pub at_ms: i64,
+}
+
+impl Notice {
+    /// The JSON of a notice item (without `id` and `cursor`): `kind`, `output` (when
+    /// about one), `at` and its fields.
+    pub fn to_json(&self) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert("kind".into(), self.kind.as_str().into());
+        if let Some(o) = &self.output {
+            m.insert("output".into(), o.as_str().into());
+        }
+        for (k, v) in &self.fields {
+            m.insert(k.clone(), v.clone());
+        }
+        m.insert("at".into(), format_time(self.at_ms, None).into());
+        m
+    }
+}
+
+/// One entry of the event stream ([`Store::stream`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamItem {
+    /// A stored punch.
+    Punch(PunchRow),
+    /// A conflicting newcomer.
+    Conflict(ConflictRow),
+    /// A rejected record.
+    Rejected(RejectedRow),
+    /// A relay notice.
+    Notice(Notice),
+}
+
+/// An entry of the event stream with its position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamRow {
+    /// Its position, from the punches' counter (module docs, "One position space").
+    pub cursor: u64,
+    /// What it is.
+    pub item: StreamItem,
+}
+
+/// Which part of the event stream [`Store::stream`] reads: positions in
+/// `(after, through]`, at most `limit` entries, every kind and site (the caller filters:
+/// its range covers what it skips).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamQuery {
+    /// After this position (`None`: from the first).
+    pub after: Option<u64>,
+    /// Up to and including this one (`None`: up to the head).
+    pub through: Option<u64>,
+    /// At most this many entries.
+    pub limit: usize,
+}
+
 /// Logs a batch's new punches under reused sequence numbers (`seqs`, never empty).
 pub fn warn_seq_reuse(gateway_id: &str, journal_epoch: u64, seqs: &SeqRanges) {
     let count: u64 = seqs.0.iter().map(|&(lo, hi)| hi - lo + 1).sum();
@@ -506,6 +594,17 @@ pub trait Store: Send + Sync + 'static {
     /// Rejected (invalid) records of `q.sites` after `q.after` (their `id`), oldest first,
     /// at most `q.limit`.
     fn rejected(&self, q: HeldQuery) -> BoxFuture<'_, Result<Vec<RejectedRow>, StoreError>>;
+
+    /// The event stream (module docs, "One position space"): punches, conflicts,
+    /// rejected records and notices with positions in `(q.after, q.through]`, in position
+    /// order, at most `q.limit`. The same guarantee as [`Store::punches`]: no entry ever
+    /// appears below a position a reader has seen.
+    fn stream(&self, q: StreamQuery) -> BoxFuture<'_, Result<Vec<StreamRow>, StoreError>>;
+
+    /// Appends `notice` to the event stream, durably, with the next position; when a
+    /// notice with the same key is stored already, stores nothing. Returns the notice's
+    /// position either way.
+    fn append_notice(&self, notice: Notice) -> BoxFuture<'_, Result<u64, StoreError>>;
 
     /// The highest cursor that readers can see now (0 when no punch is stored). Every
     /// punch at or below it is visible: no commit can still add one there (module docs,

@@ -17,6 +17,12 @@
 //! | `c` conflict_id | [`StoredConflict`] |
 //! | `r` rejected_id | [`StoredRejected`]: an invalid record (module docs of `store`) |
 //! | `o` name | an output's state (`outputs`, a private file of this module) |
+//! | `e` notice_id | a relay notice (`stream`, a private file of this module) |
+//! | `n` notice key | notice_id of the notice with that key (idempotent appends) |
+//!
+//! Conflict, rejected and notice ids come from the same generator as punch row ids,
+//! under the commit mutex: they are positions in the one event stream (store module docs,
+//! "One position space"), covered by the durable head like punch rows.
 //!
 //! ## Commit and failures
 //!
@@ -89,11 +95,12 @@ use outpost_protocol::{Batch, BootId, Id, Punch, Record, TimeAnchor};
 
 use super::{
     best_anchors, corrected_time, invalid_reason, Backlog, BoxFuture, CommitOutcome, ConflictRow,
-    GatewayInfo, HeldQuery, LeaseGrant, OutputState, OutputWrite, PunchPage, PunchQuery, PunchRow,
-    RejectedRow, SeqRanges, Store, StoreError, MAX_RANGES,
+    GatewayInfo, HeldQuery, LeaseGrant, Notice, OutputState, OutputWrite, PunchPage, PunchQuery,
+    PunchRow, RejectedRow, SeqRanges, Store, StoreError, StreamQuery, StreamRow, MAX_RANGES,
 };
 
 mod outputs;
+mod stream;
 
 /// A stored punch (value of a `p` key).
 #[derive(Debug, Clone, Encode, Decode)]
@@ -371,22 +378,25 @@ impl SledStore {
                 e,
             )
         })?;
-        // Everything on disk was synced above (or is new): visible from the start.
-        let last_row = no_panic(dir, || {
-            tree.range(key_u64(T_ROW, 0)..vec![T_ROW + 1])
-                .next_back()
-                .transpose()
-        })?
-        .map_err(|e| {
-            StoreError::io(
-                format!("cannot read the sled store in {}", dir.display()),
-                e,
-            )
-        })?;
-        let head = match last_row {
-            Some((k, _)) => be_u64("row key", &k[1..])?,
-            None => 0,
-        };
+        // Everything on disk was synced above (or is new): visible from the start. The
+        // head is the last id of every table of the event stream.
+        let mut head = 0;
+        for tag in stream::TAGS {
+            let last = no_panic(dir, || {
+                tree.range(key_u64(tag, 0)..vec![tag + 1])
+                    .next_back()
+                    .transpose()
+            })?
+            .map_err(|e| {
+                StoreError::io(
+                    format!("cannot read the sled store in {}", dir.display()),
+                    e,
+                )
+            })?;
+            if let Some((k, _)) = last {
+                head = head.max(be_u64("row key", &k[1..])?);
+            }
+        }
         if !existed {
             // A new store: its files, and its own name in the parent directory.
             db.flush().map_err(io)?;
@@ -520,6 +530,8 @@ impl Inner {
         let mut fresh: HashMap<Vec<u8>, (u64, Punch)> = HashMap::new();
         // gateway_seq values of new punches under a stored primary key.
         let mut reused = SeqRanges::default();
+        // The highest id this batch took (punch, conflict or rejected): its stream head.
+        let mut max_id = 0u64;
         for r in &batch.records {
             let reuse = ranges.contains(r.gateway_seq);
             // A stored primary key is a resend unless its punch is new (store module docs,
@@ -545,6 +557,7 @@ impl Inner {
                     extra: reason,
                 };
                 let rid = self.db.generate_id().map_err(io)?;
+                max_id = max_id.max(rid);
                 w.insert(key_u64(T_REJECTED, rid), enc(&x));
                 out.rejected += 1;
                 continue;
@@ -575,6 +588,7 @@ impl Inner {
                         extra: kept,
                     };
                     let cid = self.db.generate_id().map_err(io)?;
+                    max_id = max_id.max(cid);
                     w.insert(key_u64(T_CONFLICT, cid), enc(&c));
                     out.conflicts += 1;
                 }
@@ -595,6 +609,7 @@ impl Inner {
                         }
                     };
                     let id = self.db.generate_id().map_err(io)?;
+                    max_id = max_id.max(id);
                     let row = StoredRow {
                         site_id: batch.site_id,
                         gateway_id: batch.gateway_id,
@@ -656,9 +671,7 @@ impl Inner {
             super::warn_seq_reuse(gw, batch.journal_epoch, &reused);
         }
         // Before `applied`: a round that sees this generation sees these rows (module docs).
-        if let Some(&(id, _)) = fresh.values().max_by_key(|(id, _)| *id) {
-            self.applied_head.fetch_max(id, Ordering::SeqCst);
-        }
+        self.applied_head.fetch_max(max_id, Ordering::SeqCst);
         let generation = self.applied.fetch_add(1, Ordering::SeqCst) + 1;
         Ok((out, generation))
     }
@@ -829,6 +842,18 @@ impl Store for SledStore {
 
     fn rejected(&self, q: HeldQuery) -> BoxFuture<'_, Result<Vec<RejectedRow>, StoreError>> {
         Box::pin(self.blocking(move |i| i.rejected(&q)))
+    }
+
+    fn stream(&self, q: StreamQuery) -> BoxFuture<'_, Result<Vec<StreamRow>, StoreError>> {
+        Box::pin(self.blocking(move |i| i.event_stream(q)))
+    }
+
+    fn append_notice(&self, notice: Notice) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let (pos, generation) = self.blocking(move |i| i.append_notice(&notice)).await?;
+            self.make_durable(generation, false).await?;
+            Ok(pos)
+        })
     }
 
     fn head(&self) -> BoxFuture<'_, Result<u64, StoreError>> {

@@ -19,8 +19,9 @@
 //!    the next `pos`, with `ON CONFLICT (site_id, device_id, device_seq) DO NOTHING
 //!    RETURNING`; the punches that were not inserted are read back and compared (duplicate
 //!    or conflict) ([`sort_records`], [`insert_punches`], [`tally`]);
-//! 5. insert conflicts and rejected records ([`insert_held`]); write the new ranges; bump
-//!    the gateway counters; notify ([`save_stream_and_counters`]); commit.
+//! 5. insert conflicts and rejected records, each with the next `pos` too, under the same
+//!    lock ([`insert_held`]; store module docs, "One position space"); write the new
+//!    ranges; bump the gateway counters; notify ([`save_stream_and_counters`]); commit.
 //!
 //! ## Positions (the query cursor)
 //!
@@ -30,7 +31,8 @@
 //! after its commit is visible to new snapshots, so the next commit takes its positions
 //! after this one's are visible: positions become visible in order, and a reader that has
 //! seen `pos` P never later finds a new row below P. A rolled-back commit leaves a gap,
-//! nothing else. Commits that store no new punch (resends, duplicates) skip the lock.
+//! nothing else. Commits that store no new punch, conflict or rejected record (resends,
+//! duplicates) skip the lock.
 //!
 //! The lock is taken as late as possible (it is held through COMMIT, so it bounds how
 //! many commits can store new punches at once), but before the first statement that
@@ -198,7 +200,11 @@ async fn commit_once(
     let tallied = tally(&sorted.candidates, &kept, &reused, &mut out)?;
 
     // 5. Conflicts, ranges, counters.
-    insert_held(&tx, &stream, &tallied.conflicts, &sorted).await?;
+    if !tallied.conflicts.is_empty() || !sorted.reasons.is_empty() {
+        pos_lock.take(&tx).await?;
+    }
+    let held_pos = insert_held(&tx, &stream, &tallied.conflicts, &sorted).await?;
+    let max_pos = max_pos.max(held_pos);
     extend_ranges(&mut ranges, batch)?;
     out.acked_through = ranges.watermark();
     save_stream_and_counters(&tx, &stream, &ranges, &out, max_pos).await?;
@@ -541,31 +547,39 @@ fn tally<'a>(
     })
 }
 
-/// Step 5a: inserts the conflicts and the rejected records.
+/// Step 5a: inserts the conflicts and the rejected records, each with the next position
+/// (the caller holds [`POS_LOCK`]); returns the highest position taken.
 async fn insert_held(
     tx: &Transaction<'_>,
     stream: &Stream<'_>,
     conflicts: &Columns<'_>,
     sorted: &Sorted<'_>,
-) -> Result<(), Attempt> {
+) -> Result<Option<i64>, Attempt> {
+    let mut max_pos: Option<i64> = None;
     if !conflicts.is_empty() {
-        let st = tx
-            .prepare_cached(&bulk_insert_sql("conflicts", "kept_id", "bigint"))
-            .await?;
-        tx.execute(&st, &conflicts.params(stream.params(), &conflicts.extra))
-            .await?;
+        let sql = bulk_insert_sql("conflicts", "kept_id", "bigint") + " RETURNING pos";
+        let st = tx.prepare_cached(&sql).await?;
+        for row in tx
+            .query(&st, &conflicts.params(stream.params(), &conflicts.extra))
+            .await?
+        {
+            max_pos = max_pos.max(Some(row.try_get(0)?));
+        }
     }
     if !sorted.reasons.is_empty() {
-        let st = tx
-            .prepare_cached(&bulk_insert_sql("rejected", "reason", "text"))
-            .await?;
-        tx.execute(
-            &st,
-            &sorted.rejected.params(stream.params(), &sorted.reasons),
-        )
-        .await?;
+        let sql = bulk_insert_sql("rejected", "reason", "text") + " RETURNING pos";
+        let st = tx.prepare_cached(&sql).await?;
+        for row in tx
+            .query(
+                &st,
+                &sorted.rejected.params(stream.params(), &sorted.reasons),
+            )
+            .await?
+        {
+            max_pos = max_pos.max(Some(row.try_get(0)?));
+        }
     }
-    Ok(())
+    Ok(max_pos)
 }
 
 /// Step 5b: adds the batch's seq range to the stream's; refuses a stream with more than

@@ -4,6 +4,7 @@
 //! - `tls`: the TLS mode in force and the rustls client for it.
 //! - `commit`: one batch, one transaction, a fixed number of round trips.
 //! - `query`: the query API's reads.
+//! - `stream`: the event stream every output reads, and relay notices.
 //! - `listen`: the `LISTEN` task behind [`Store::subscribe`], on its own connection.
 //! - `outputs`: output state and the lease that says which relay runs an output.
 //! - `error`: how PostgreSQL failures become [`StoreError`]s.
@@ -25,6 +26,7 @@ mod listen;
 mod outputs;
 mod query;
 mod schema;
+mod stream;
 mod tls;
 
 use std::sync::{Arc, Mutex};
@@ -42,7 +44,8 @@ pub use tls::PgTls;
 
 use super::{
     Backlog, BoxFuture, CommitOutcome, ConflictRow, GatewayInfo, HeldQuery, LeaseGrant,
-    OutputState, OutputWrite, PunchPage, PunchQuery, RejectedRow, Store, StoreError,
+    Notice, OutputState, OutputWrite, PunchPage, PunchQuery, RejectedRow, Store, StoreError,
+    StreamQuery, StreamRow,
 };
 use crate::config::PgTlsMode;
 use tls::{connect_err, resolve_tls, tls_connector};
@@ -176,6 +179,18 @@ impl Store for PgStore {
 
     fn rejected(&self, q: HeldQuery) -> BoxFuture<'_, Result<Vec<RejectedRow>, StoreError>> {
         Box::pin(async move { query::rejected(&self.pool, &q).await })
+    }
+
+    fn stream(&self, q: StreamQuery) -> BoxFuture<'_, Result<Vec<StreamRow>, StoreError>> {
+        Box::pin(stream::stream(&self.pool, q))
+    }
+
+    fn append_notice(&self, notice: Notice) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let pos = stream::append_notice(&self.pool, &notice).await?;
+            super::raise_head(&self.head, pos);
+            Ok(pos)
+        })
     }
 
     fn head(&self) -> BoxFuture<'_, Result<u64, StoreError>> {

@@ -75,8 +75,13 @@ pub(super) async fn punches(pool: &Pool, q: &PunchQuery) -> Result<PunchPage, St
     Ok(page)
 }
 
-/// The highest visible `pos`, 0 when no punch is stored (the unique index's last entry).
-pub(super) const HEAD_SQL: &str = "SELECT coalesce(max(pos), 0) FROM punches";
+/// The highest visible `pos` of the event stream (every table that takes positions), 0
+/// when none is stored (each unique index's last entry).
+pub(super) const HEAD_SQL: &str = "SELECT greatest(\
+    (SELECT coalesce(max(pos), 0) FROM punches), \
+    (SELECT coalesce(max(pos), 0) FROM conflicts), \
+    (SELECT coalesce(max(pos), 0) FROM rejected), \
+    (SELECT coalesce(max(pos), 0) FROM events))";
 
 /// The highest visible cursor.
 pub(super) async fn head(pool: &Pool) -> Result<u64, StoreError> {

@@ -18,6 +18,11 @@
 //!   range is a duplicate.
 //! - `gateways`: per-gateway counters and last seen (`seq_reuse`: migration 3);
 //!   `anchors`: best anchor per boot.
+//! - migration 6, the event stream (store module docs, "One position space"): `pos` on
+//!   `conflicts` and `rejected` (unique; from `punches_pos_seq` under [`POS_LOCK`], like a
+//!   punch's; NULL for rows stored before it, which are therefore not in the stream), and
+//!   `events`: relay notices, `pos` (primary key, same sequence), `key` (unique: appends
+//!   are idempotent), `kind`, `output`, `fields` (JSON text), `at_ms`.
 //! - `outputs` (the outputs migration): per output name, its durable state
 //!   (`store::output_state`) and its lease (`holder`, `lease_expires` by the database
 //!   clock); see `outputs.rs`.
@@ -173,6 +178,21 @@ CREATE TABLE outputs (
     replays              bigint  NOT NULL DEFAULT 0,
     holder               text,
     lease_expires        timestamptz
+);
+"#,
+    // 6: one position space for every kind an output delivers (module docs).
+    r#"
+ALTER TABLE conflicts ADD COLUMN pos bigint;
+CREATE UNIQUE INDEX conflicts_pos ON conflicts (pos);
+ALTER TABLE rejected ADD COLUMN pos bigint;
+CREATE UNIQUE INDEX rejected_pos ON rejected (pos);
+CREATE TABLE events (
+    pos    bigint PRIMARY KEY,
+    key    text   NOT NULL UNIQUE,
+    kind   text   NOT NULL,
+    output text,
+    fields text   NOT NULL,
+    at_ms  bigint NOT NULL
 );
 "#,
 ];
@@ -371,9 +391,16 @@ impl<'a> Columns<'a> {
 
 /// `INSERT INTO table` of a whole [`Columns`] in one statement (`UNNEST` of arrays): the
 /// stream's site, gateway, epoch and `stored_at_ms`, the record columns, and `last_col`
-/// (SQL type `last_type`). Parameters from [`Columns::params`].
+/// (SQL type `last_type`); each row also gets the next `pos` from `punches_pos_seq`, in
+/// array order (the caller holds [`POS_LOCK`]). Parameters from [`Columns::params`].
 pub(super) fn bulk_insert_sql(table: &str, last_col: &str, last_type: &str) -> String {
-    insert_sql(table, "", "", last_col, last_type)
+    insert_sql(
+        table,
+        "pos, ",
+        "nextval('punches_pos_seq'), ",
+        last_col,
+        last_type,
+    )
 }
 
 /// [`bulk_insert_sql`] for `punches`: each row also gets the next `pos` from
