@@ -22,47 +22,32 @@ pub enum BuildError {
     Nats(#[from] NatsError),
 }
 
-/// Every configured output with its sink, webhooks first, in config order.
-///
-/// Only stored punches are delivered by this version: an output whose `events` lacks
-/// `"punch"` gets no worker, and the other kinds are logged once as not yet sent.
+/// Every configured output with its sink, webhooks first, in config order. An output
+/// whose `events` is empty has nothing to deliver: it gets no worker (a warning says so).
 pub fn sinks(cfg: &OutputsSection) -> Result<Vec<Output>, BuildError> {
     let mut out: Vec<Output> = Vec::new();
     for w in &cfg.webhook {
         let sink = WebhookSink::new(w)?;
-        if wants_punches(&w.name, &w.events) {
+        if wants_something(&w.name, &w.events) {
             out.push((OutputSpec::webhook(w), Box::new(sink)));
         }
     }
     for n in &cfg.nats {
         let sink = NatsSink::new(n)?;
-        if wants_punches(&n.name, &n.events) {
+        if wants_something(&n.name, &n.events) {
             out.push((OutputSpec::nats(n), Box::new(sink)));
         }
     }
     Ok(out)
 }
 
-/// Whether an output with `events` gets punches; logs the kinds this version does not send.
-fn wants_punches(name: &str, events: &[EventKind]) -> bool {
-    let other: Vec<String> = events
-        .iter()
-        .filter(|e| **e != EventKind::Punch)
-        .map(|e| format!("{e:?}").to_lowercase())
-        .collect();
-    if !other.is_empty() {
+/// Whether an output with `events` is sent anything; logs when not.
+fn wants_something(name: &str, events: &[EventKind]) -> bool {
+    if events.is_empty() {
         tracing::warn!(
             output = name,
-            events = %other.join(","),
-            "this relay version delivers only \"punch\" events; the other kinds listed are not sent yet"
+            "output lists no events, so it has nothing to deliver and is not started"
         );
     }
-    let punches = events.contains(&EventKind::Punch);
-    if !punches {
-        tracing::warn!(
-            output = name,
-            "output lists no \"punch\" event, so it has nothing to deliver and is not started"
-        );
-    }
-    punches
+    !events.is_empty()
 }

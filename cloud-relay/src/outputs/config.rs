@@ -55,8 +55,22 @@ pub enum EventKind {
     Conflict,
     /// Records whose punch failed validation.
     Rejected,
-    /// Gateway and output state changes.
+    /// Relay and gateway health notices: an output disabled or enabled (gateway alerts
+    /// are the next kind of notice). The kind list is the contract, so relay
+    /// notices travel under `gateway` rather than a new kind.
     Gateway,
+}
+
+impl EventKind {
+    /// The kind's config name, also the webhook body's `type` prefix (`punch.batch`).
+    pub fn name(self) -> &'static str {
+        match self {
+            EventKind::Punch => "punch",
+            EventKind::Conflict => "conflict",
+            EventKind::Rejected => "rejected",
+            EventKind::Gateway => "gateway",
+        }
+    }
 }
 
 /// The Standard Webhooks retry schedule: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h,
@@ -112,6 +126,11 @@ pub struct NatsOutput {
     /// The subject of each message; `{site}` and `{device}` are replaced by the punch's.
     #[serde(default = "default_nats_subject")]
     pub subject: String,
+    /// The subject of every other event (conflict, rejected, relay notice); `{kind}` is
+    /// its `events` name, `{site}` its site (`_relay` for a relay notice), `{device}` its
+    /// device (`_` for a notice).
+    #[serde(default = "default_nats_event_subject")]
+    pub event_subject: String,
     /// The JetStream stream; created (capturing `subject`'s wildcard form) if missing.
     #[serde(default = "default_nats_stream")]
     pub stream: String,
@@ -162,6 +181,9 @@ fn default_disable_after_secs() -> u64 {
 }
 fn default_nats_subject() -> String {
     "outpost.punch.{site}.{device}".into()
+}
+fn default_nats_event_subject() -> String {
+    "outpost.{kind}.{site}".into()
 }
 fn default_nats_stream() -> String {
     "OUTPOST".into()

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use super::supervisor::OutputSpec;
 use super::worker::state_name;
-use crate::store::{Backlog, OutputState, OutputWrite, Store, StoreError};
+use crate::store::{Backlog, Disabled, OutputState, OutputWrite, Store, StoreError};
 
 /// How often a replay or an enable retries its write when a worker wrote in between.
 const CONFLICT_RETRIES: usize = 50;
@@ -163,15 +163,33 @@ pub async fn replay(
 }
 
 /// Enables output `name` again; its in-flight delivery, if any, is the next one sent.
+///
+/// When it was disabled, an `output.enabled` notice goes to the other outputs that want
+/// `gateway` events (`outputs::notices`), after the write. Its key names the disabling
+/// it ends, so an enable retried after a failed append stores it once; an append that
+/// fails is returned as the error (the output is enabled already, and the notice is not
+/// sent: the one case where a notice can be missing).
 pub async fn enable(store: &dyn Store, name: &str) -> Result<OutputState, ControlError> {
-    let s = admin_write(store, name, |cur| OutputState {
-        disabled: None,
-        failures: 0,
-        failing_since_ms: None,
-        next_attempt_ms: None,
-        ..cur
+    let ended: std::sync::Mutex<Option<Disabled>> = std::sync::Mutex::new(None);
+    let s = admin_write(store, name, |cur| {
+        if let Ok(mut e) = ended.lock() {
+            e.clone_from(&cur.disabled);
+        }
+        OutputState {
+            disabled: None,
+            failures: 0,
+            failing_since_ms: None,
+            next_attempt_ms: None,
+            ..cur
+        }
     })
     .await?;
     tracing::info!(output = name, "output enabled by the admin API");
+    let ended = ended.lock().ok().and_then(|mut e| e.take());
+    if let Some(d) = ended {
+        store
+            .append_notice(super::notices::enabled(name, &d, outpost_ops::time::now_ms()))
+            .await?;
+    }
     Ok(s)
 }

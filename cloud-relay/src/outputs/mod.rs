@@ -18,6 +18,7 @@
 //! | [`supervisor`] | which outputs run: a worker per output, handed its sink |
 //! | [`worker`] | one output's loop, and what happens to each punch on every failure |
 //! | [`delivery`] | a delivery built from stored punches, the same on every attempt |
+//! | [`notices`] | the relay's own events (an output disabled, enabled) for the other outputs |
 //! | [`lease`] | which relay runs an output (PostgreSQL), and when it must stop |
 //! | [`wake`] | how an idle worker learns of new punches |
 //! | [`control`] | status, replay and enable, for the admin API |
@@ -34,6 +35,7 @@ pub mod control;
 pub mod delivery;
 pub mod lease;
 pub mod nats;
+pub mod notices;
 pub mod sink;
 pub mod supervisor;
 pub mod table;

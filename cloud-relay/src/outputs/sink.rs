@@ -10,20 +10,22 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
+use super::config::EventKind;
 use crate::store::BoxFuture;
 
-/// One punch to deliver.
+/// One event to deliver: a punch, a conflict, a rejected record or a relay notice.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Item {
-    /// The punch's stable identity ([`punch_id`]): the same punch always has the same id.
+    /// Its stable identity (`outputs::delivery::item`): the same event always has the
+    /// same id.
     pub id: String,
     /// Its position in the store's commit order.
     pub cursor: u64,
-    /// Its site.
+    /// Its site (`_relay` for a relay notice).
     pub site: String,
-    /// Its device.
+    /// Its device (`_` for a relay notice).
     pub device: String,
-    /// The punch JSON of `GET /v1/punches` plus `"id"`.
+    /// Its JSON (e.g. the punch JSON of `GET /v1/punches`) plus `"id"` and `"cursor"`.
     pub json: Map<String, Value>,
 }
 
@@ -35,7 +37,9 @@ pub struct Delivery {
     pub id: String,
     /// When the delivery was first attempted (relay clock, Unix ms): the body's timestamp.
     pub created_ms: i64,
-    /// The punches, in cursor order; never empty.
+    /// The one kind of all its items (a delivery is a run of one kind).
+    pub kind: EventKind,
+    /// The items, in cursor order; never empty.
     pub items: Vec<Item>,
 }
 
@@ -79,18 +83,23 @@ pub trait Sink: Send + 'static {
 /// contain `/`; a `/` or `%` in the site is percent-encoded so the id stays unambiguous.
 pub fn punch_id(site: &str, device: &str, device_seq: u64) -> String {
     let mut id = String::with_capacity(site.len() + device.len() + 22);
-    for c in site.chars() {
+    push_escaped(&mut id, site);
+    id.push('/');
+    id.push_str(device);
+    id.push('/');
+    id.push_str(&device_seq.to_string());
+    id
+}
+
+/// Appends `s` with `%` and `/` percent-encoded, so it is one unambiguous id segment.
+pub fn push_escaped(id: &mut String, s: &str) {
+    for c in s.chars() {
         match c {
             '%' => id.push_str("%25"),
             '/' => id.push_str("%2F"),
             c => id.push(c),
         }
     }
-    id.push('/');
-    id.push_str(device);
-    id.push('/');
-    id.push_str(&device_seq.to_string());
-    id
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::config::{NatsOutput, WebhookOutput};
+use super::config::{EventKind, NatsOutput, WebhookOutput};
 use super::lease::Timing;
 use super::sink::Sink;
 use super::wake::NewPunches;
@@ -28,7 +28,10 @@ pub struct OutputSpec {
     pub name: String,
     /// `"webhook"` or `"nats"` (the sink's [`Sink::kind`]).
     pub kind: &'static str,
-    /// Only punches of these sites are delivered; empty = every site.
+    /// The kinds it is sent (`events`).
+    pub events: Vec<EventKind>,
+    /// Only punches, conflicts and rejected records of these sites are delivered; empty =
+    /// every site.
     pub sites: Vec<String>,
     /// Punches read per delivery.
     pub batch_max: usize,
@@ -42,6 +45,7 @@ impl OutputSpec {
         OutputSpec {
             name: w.name.clone(),
             kind: "webhook",
+            events: w.events.clone(),
             sites: w.sites.clone(),
             batch_max: w.batch_max,
             disable_after: Duration::from_secs(w.disable_after_secs),
@@ -53,6 +57,7 @@ impl OutputSpec {
         OutputSpec {
             name: n.name.clone(),
             kind: "nats",
+            events: n.events.clone(),
             sites: n.sites.clone(),
             batch_max: n.batch_max,
             disable_after: Duration::from_secs(n.disable_after_secs),

@@ -18,7 +18,9 @@
 //!    recorded (last error, next attempt, failing since) and the same delivery is tried
 //!    after the receiver's `Retry-After`, or else after the sink's schedule with ±20 %
 //!    jitter. A failure that has lasted `disable_after`, or a receiver that answered
-//!    `Gone`, disables the output (an error log, `outpost_relay_output_disables_total`).
+//!    `Gone`, disables the output (an error log, `outpost_relay_output_disables_total`,
+//!    and an `output.disabled` notice for the other outputs, appended by the worker that
+//!    finds the output disabled: [`super::notices`]).
 //!
 //! So on every failure a punch is either already confirmed (behind the cursor) or inside
 //! or after the in-flight range, and is sent again:
@@ -46,13 +48,17 @@ use std::time::Duration;
 use outpost_ops::time::now_ms;
 use tokio_util::sync::CancellationToken;
 
-use super::delivery::{self, delivery_id, wanted};
+use super::delivery::{self, delivery_id, kind_of, select, wanted};
 use super::lease::{self, Timing};
+use super::notices;
 use super::sink::{Delivery, Sink, SinkError};
 use super::supervisor::OutputSpec;
 use super::wake::NewPunches;
 use crate::metrics::{Metrics, OutputKind, OutputLabel};
-use crate::store::{Disabled, InFlight, OutputState, OutputWrite, PunchQuery, Store, StoreError};
+use crate::store::{
+    Disabled, InFlight, OutputState, OutputWrite, Store, StoreError, StreamItem,
+    StreamQuery, StreamRow,
+};
 
 /// While waiting (disabled, or before a retry) the state is read again this often, so an
 /// enable or a replay takes effect without waiting for the end of a long retry.
@@ -88,6 +94,9 @@ pub struct Worker {
     holder: String,
     timing: Timing,
     wake: NewPunches,
+    /// The disabling (its `at_ms`) whose `output.disabled` notice this worker appended
+    /// ([`super::notices`]).
+    announced: Option<i64>,
 }
 
 /// What step 2 (module docs) produced.
@@ -119,6 +128,7 @@ impl Worker {
             holder,
             timing,
             wake,
+            announced: None,
         }
     }
 
@@ -172,7 +182,15 @@ impl Worker {
             };
             self.metrics
                 .set_output_state(&self.spec.name, Some(state_name(&state)));
-            if state.disabled.is_some() {
+            if let Some(d) = &state.disabled {
+                // Once per disabling and run; the store keeps one per key (notices docs).
+                if self.announced != Some(d.at_ms) {
+                    let notice = notices::disabled(&self.spec.name, d, state.failing_since_ms);
+                    match self.store.append_notice(notice).await {
+                        Ok(_) => self.announced = Some(d.at_ms),
+                        Err(e) => self.store_failed("cannot store the output.disabled notice", &e),
+                    }
+                }
                 Self::sleep(held, STATE_POLL).await;
                 continue;
             }
@@ -228,49 +246,48 @@ impl Worker {
         if let Some(f) = state.in_flight.clone() {
             let rows =
                 delivery::read_range(&*self.store, state.cursor, f.through, spec.batch_max).await?;
-            let rows: Vec<_> = rows
-                .into_iter()
-                .filter(|r| wanted(&spec.sites, r))
-                .collect();
-            if rows.len() == f.items as usize {
-                let d = delivery::rebuild(&f, rows);
+            let wanted_rows: Vec<_> = rows.iter().filter(|r| wanted(spec, r)).cloned().collect();
+            let one_kind = wanted_rows
+                .first()
+                .is_some_and(|k| wanted_rows.iter().all(|r| kind_of(r) == kind_of(k)));
+            if wanted_rows.len() == f.items as usize && one_kind {
+                let d = delivery::rebuild(&f, wanted_rows);
                 return Ok(Next::Deliver(Box::new((d, f.through, state))));
             }
-            // Only a change of the output's sites between attempts gets here: the range
-            // now holds other punches, so it is a new delivery, never the old id with
-            // other items.
+            // Only a change of the output's sites or events between attempts gets here:
+            // the range now holds other entries, so it is a new delivery, never the old id
+            // with other items.
             tracing::warn!(
                 output = %spec.name,
                 delivery = %f.id,
                 recorded = f.items,
-                now = rows.len(),
-                "the in-flight delivery's range holds another set of punches now (were the output's sites changed?); sending it as a new delivery"
+                now = wanted_rows.len(),
+                "the in-flight delivery's range holds another set of events now (were the output's sites or events changed?); sending it as a new delivery"
             );
+            let Some((through, chosen)) = select(spec, rows) else {
+                // The range is empty now: nothing to send, move past it.
+                return self.record(state, f.through, Vec::new(), f.id, now_ms()).await;
+            };
             let created_ms = now_ms();
             let id = format!("{}_c{created_ms}", f.id);
-            return self.record(state, f.through, rows, id, created_ms).await;
+            return self.record(state, through, chosen, id, created_ms).await;
         }
-        let page = self
+        let rows = self
             .store
-            .punches(PunchQuery {
+            .stream(StreamQuery {
                 after: state.cursor,
+                through: None,
                 limit: spec.batch_max,
-                ..PunchQuery::default()
             })
             .await?;
-        let (Some(first), Some(through)) = (
-            page.items.first().map(|r| r.cursor),
-            page.items.last().map(|r| r.cursor),
-        ) else {
+        let Some(first) = rows.first().map(|r| r.cursor) else {
             return Ok(Next::Idle);
         };
-        let rows: Vec<_> = page
-            .items
-            .into_iter()
-            .filter(|r| wanted(&spec.sites, r))
-            .collect();
+        let Some((through, chosen)) = select(spec, rows) else {
+            return Ok(Next::Idle);
+        };
         let id = delivery_id(&spec.name, first, through, state.replays);
-        self.record(state, through, rows, id, now_ms()).await
+        self.record(state, through, chosen, id, now_ms()).await
     }
 
     /// Records the delivery of `rows` (range end `through`) as in flight, before its first
@@ -279,7 +296,7 @@ impl Worker {
         &mut self,
         state: OutputState,
         through: u64,
-        rows: Vec<crate::store::PunchRow>,
+        rows: Vec<StreamRow>,
         id: String,
         created_ms: i64,
     ) -> Result<Next, StoreError> {
@@ -300,7 +317,7 @@ impl Worker {
             items: rows.len() as u32,
             uncorrected: rows
                 .iter()
-                .filter(|r| r.corrected_ms.is_none())
+                .filter(|r| matches!(&r.item, StreamItem::Punch(p) if p.corrected_ms.is_none()))
                 .map(|r| r.cursor)
                 .collect(),
         };

@@ -149,20 +149,24 @@ impl Conn {
         self.client.connection_state() == State::Connected
     }
 
-    /// Creates `name` (capturing `subject`, dropping resends within `duplicate_window`) if
+    /// Creates `name` (capturing `subjects`, dropping resends within `duplicate_window`) if
     /// it is missing; leaves an existing stream as it is and logs when its subjects do not
-    /// capture `subject`.
+    /// capture all of `subjects`.
     pub async fn ensure_stream(
         &self,
         output: &str,
         name: &str,
-        subject: &str,
+        subjects: &[String],
         duplicate_window: Duration,
     ) -> Result<(), String> {
+        let subject = subjects.join(", ");
         match self.js.get_stream(name).await {
             Ok(existing) => {
                 let theirs = &existing.cached_info().config.subjects;
-                if !theirs.iter().any(|f| covers(f, subject)) {
+                if !subjects
+                    .iter()
+                    .all(|s| theirs.iter().any(|f| covers(f, s)))
+                {
                     tracing::warn!(
                         output = %output,
                         stream = %name,
@@ -181,7 +185,7 @@ impl Conn {
             {
                 let config = stream::Config {
                     name: name.to_string(),
-                    subjects: vec![subject.to_string()],
+                    subjects: subjects.to_vec(),
                     duplicate_window,
                     ..Default::default()
                 };

@@ -1,9 +1,12 @@
-//! The NATS JetStream output kind: one JetStream message per punch.
+//! The NATS JetStream output kind: one JetStream message per event.
 //!
 //! Protocol, per [`Delivery`]:
-//! - each item is published to the configured subject with `{site}`/`{device}` replaced by
-//!   the punch's (made token-safe, [`subject`]), payload = the item's JSON, header
-//!   `Nats-Msg-Id` = the item's stable id;
+//! - each punch is published to the configured `subject` with `{site}`/`{device}` replaced
+//!   by the punch's (made token-safe, [`subject`]); each other event (conflict, rejected,
+//!   relay notice: `outputs::delivery`) to `event_subject` (default
+//!   `outpost.{kind}.{site}`), with `{kind}` its `events` name (`conflict`, `rejected`,
+//!   `gateway`) and `{site}` its site (`_relay` for a relay notice); payload = the item's
+//!   JSON, header `Nats-Msg-Id` = the item's stable id;
 //! - publishes are pipelined: at most `max_ack_pending` wait for their PubAck at once, and
 //!   acks are collected in publish order. One connection keeps the order, so the stream
 //!   holds the items in cursor order;
@@ -24,7 +27,9 @@
 //! next delivery opens a new one, and until that works every delivery fails at once (the
 //! worker waits [`Sink::retry_delay`] in between: doubling from `retry_initial_ms` to
 //! `retry_max_ms`). After connecting, the stream is made sure of: created if missing
-//! (subjects = the template's wildcard form, `duplicate_window` from config), left as it
+//! (subjects = the templates' wildcard forms, `event_subject`'s only when the output's
+//! `events` has more than `punch` and it is not captured by `subject`'s; `duplicate_window`
+//! from config), left as it
 //! is if it exists (a warning is logged when its subjects do not capture ours). A PubAck
 //! saying no stream captures the subject makes the next delivery check again.
 //!
@@ -51,7 +56,7 @@ use bytes::Bytes;
 use outpost_ops::backoff::Backoff;
 use tokio::sync::watch;
 
-use super::config::NatsOutput;
+use super::config::{EventKind, NatsOutput};
 use super::sink::{Delivery, Item, Sink, SinkError};
 use crate::store::BoxFuture;
 use conn::{Conn, Creds};
@@ -146,6 +151,11 @@ pub struct NatsSink {
     /// The credentials file (read once, at start).
     creds: Option<Creds>,
     subject: SubjectTemplate,
+    /// The subject of events other than punches.
+    event_subject: SubjectTemplate,
+    /// Whether the output is sent events other than punches (their subject is then one
+    /// of the stream's).
+    other_events: bool,
     stream: String,
     duplicate_window: Duration,
     max_ack_pending: usize,
@@ -191,6 +201,11 @@ impl NatsSink {
                 key: key("subject"),
                 reason,
             })?;
+        let event_subject =
+            SubjectTemplate::parse(&cfg.event_subject).map_err(|reason| NatsError::Subject {
+                key: key("event_subject"),
+                reason,
+            })?;
         let stream_ok = !cfg.stream.is_empty()
             && !cfg.stream.chars().any(|c| {
                 matches!(c, '.' | '*' | '>' | '/' | '\\') || c.is_whitespace() || c.is_control()
@@ -223,6 +238,8 @@ impl NatsSink {
             server,
             creds,
             subject,
+            event_subject,
+            other_events: cfg.events.iter().any(|e| *e != EventKind::Punch),
             stream: cfg.stream.clone(),
             duplicate_window: Duration::from_secs(cfg.duplicate_window_secs),
             max_ack_pending: cfg.max_ack_pending.max(1),
@@ -244,14 +261,41 @@ impl NatsSink {
         self.stats.duplicates()
     }
 
-    /// The subject of `item`.
+    /// The subject of `item`, a punch.
     pub fn subject_of(&self, item: &Item) -> String {
-        self.subject.render(&item.site, &item.device)
+        self.subject_of_kind(EventKind::Punch, item)
     }
 
-    /// The stream's subject: the template with `*` for `{site}` and `{device}`.
+    /// The subject of `item`, an event of `kind` (module docs).
+    pub fn subject_of_kind(&self, kind: EventKind, item: &Item) -> String {
+        match kind {
+            EventKind::Punch => self.subject.render(&item.site, &item.device),
+            k => self
+                .event_subject
+                .render_kind(k.name(), &item.site, &item.device),
+        }
+    }
+
+    /// The stream's punch subject: the template with `*` for `{site}` and `{device}`.
     pub fn stream_subject(&self) -> String {
         self.subject.wildcard()
+    }
+
+    /// Every subject the stream is created with (module docs): the punch subject's
+    /// wildcard, and `event_subject`'s when the output is sent other events and the
+    /// first does not capture it (a stream refuses overlapping subjects).
+    pub fn stream_subjects(&self) -> Vec<String> {
+        let punch = self.subject.wildcard();
+        let mut subjects = vec![punch.clone()];
+        let events = self.event_subject.wildcard();
+        if self.other_events && !subject::covers(&punch, &events) {
+            if subject::covers(&events, &punch) {
+                subjects = vec![events];
+            } else {
+                subjects.push(events);
+            }
+        }
+        subjects
     }
 
     fn retry(&self, reason: impl Into<String>) -> SinkError {
@@ -282,7 +326,7 @@ impl NatsSink {
             conn.ensure_stream(
                 &self.name,
                 &self.stream,
-                &self.subject.wildcard(),
+                &self.stream_subjects(),
                 self.duplicate_window,
             )
             .await
@@ -316,7 +360,7 @@ impl NatsSink {
             let msg = PublishMessage::build()
                 .payload(Bytes::from(payload))
                 .message_id(&item.id);
-            let subject = self.subject.render(&item.site, &item.device);
+            let subject = self.subject_of_kind(delivery.kind, item);
             let sent = while_connected(&mut lost, js.send_publish(subject, msg))
                 .await
                 .ok_or_else(|| self.retry("connection lost during the delivery"))?;
@@ -367,7 +411,7 @@ impl NatsSink {
                         format!(
                             "no JetStream stream answered for {} (item {}): none captures \
                              the subject, or the server's JetStream is shutting down",
-                            self.subject.render(&item.site, &item.device),
+                            self.subject_of(item),
                             item.id
                         )
                     }

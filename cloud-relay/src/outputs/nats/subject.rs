@@ -21,6 +21,7 @@ enum Token {
     Literal(String),
     Site,
     Device,
+    Kind,
 }
 
 /// A parsed subject template, e.g. `outpost.punch.{site}.{device}`.
@@ -40,6 +41,7 @@ impl SubjectTemplate {
             let token = match tok {
                 "{site}" => Token::Site,
                 "{device}" => Token::Device,
+                "{kind}" => Token::Kind,
                 "" => {
                     return Err(format!(
                         "\"{template}\": token {} is empty (two dots in a row, or a dot at \
@@ -50,7 +52,7 @@ impl SubjectTemplate {
                 lit => {
                     if lit.contains(['{', '}']) {
                         return Err(format!(
-                            "\"{template}\": \"{lit}\" must be exactly {{site}} or {{device}}; \
+                            "\"{template}\": \"{lit}\" must be exactly {{site}}, {{device}} or {{kind}}; \
                              placeholders are whole tokens between dots"
                         ));
                     }
@@ -75,6 +77,11 @@ impl SubjectTemplate {
 
     /// The subject of a punch from `site` and `device`, with both made token-safe.
     pub fn render(&self, site: &str, device: &str) -> String {
+        self.render_kind("punch", site, device)
+    }
+
+    /// The subject of an event of `kind` (an `events` name) from `site` and `device`.
+    pub fn render_kind(&self, kind: &str, site: &str, device: &str) -> String {
         let mut out = String::with_capacity(64);
         for (i, t) in self.tokens.iter().enumerate() {
             if i > 0 {
@@ -84,6 +91,7 @@ impl SubjectTemplate {
                 Token::Literal(l) => out.push_str(l),
                 Token::Site => out.push_str(&sanitize_token(site)),
                 Token::Device => out.push_str(&sanitize_token(device)),
+                Token::Kind => out.push_str(&sanitize_token(kind)),
             }
         }
         out
@@ -96,7 +104,7 @@ impl SubjectTemplate {
             .iter()
             .map(|t| match t {
                 Token::Literal(l) => l.as_str(),
-                Token::Site | Token::Device => "*",
+                Token::Site | Token::Device | Token::Kind => "*",
             })
             .collect::<Vec<_>>()
             .join(".")

@@ -13,8 +13,14 @@
 //! {"type":"punch.batch","timestamp":"<RFC 3339 of delivery.created_ms>","data":{"items":[...]}}
 //! ```
 //!
-//! The body depends only on the delivery (its creation time and items, each the punch JSON
-//! of `GET /v1/punches` plus `"id"`), so every retry sends the same bytes; only the
+//! A delivery holds one kind of event (`outputs::delivery`), and `type` is `<kind>.batch`
+//! ([`event_type`]): `punch.batch` (items: the punch JSON of `GET /v1/punches`),
+//! `conflict.batch` (of `GET /v1/conflicts`), `rejected.batch` (of `GET /v1/rejected`),
+//! `gateway.batch` (relay notices, `outputs::notices`); every item has `"id"` and
+//! `"cursor"`.
+//!
+//! The body depends only on the delivery (its creation time and items), so every retry
+//! sends the same bytes; only the
 //! timestamp header and the signature change. The key is the secret file's
 //! ([`secret_file`]); the signature is [`signature::Secret::sign`].
 //!
@@ -43,7 +49,7 @@ use reqwest::Url;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::config::WebhookOutput;
+use super::config::{EventKind, WebhookOutput};
 use super::sink::{Delivery, Sink, SinkError};
 use crate::store::BoxFuture;
 use outcome::{classify, Answer, BODY_IN_REASON};
@@ -51,8 +57,18 @@ use secret_file::{load_or_create, SecretFileError};
 use signature::Secret;
 use target::{GuardedResolver, Refused};
 
-/// The `type` of every call's body.
+/// The `type` of a call carrying punches.
 pub const EVENT_TYPE: &str = "punch.batch";
+
+/// The `type` of a call carrying items of `kind`: `<kind>.batch`.
+pub fn event_type(kind: EventKind) -> &'static str {
+    match kind {
+        EventKind::Punch => EVENT_TYPE,
+        EventKind::Conflict => "conflict.batch",
+        EventKind::Rejected => "rejected.batch",
+        EventKind::Gateway => "gateway.batch",
+    }
+}
 
 /// Why a webhook output cannot be set up. Each names the output and what to change.
 #[derive(Debug, thiserror::Error)]
@@ -271,7 +287,7 @@ pub fn body(delivery: &Delivery) -> Result<Vec<u8>, serde_json::Error> {
         items: Vec<&'a Map<String, Value>>,
     }
     serde_json::to_vec(&Body {
-        kind: EVENT_TYPE,
+        kind: event_type(delivery.kind),
         timestamp: format_time(delivery.created_ms, None),
         data: Data {
             items: delivery.items.iter().map(|i| &i.json).collect(),

@@ -111,6 +111,7 @@ fn delivery() -> Delivery {
     Delivery {
         id: "payroll-1-2".into(),
         created_ms: 1_795_327_200_123,
+        kind: crate::outputs::config::EventKind::Punch,
         items: vec![item(1), item(2)],
     }
 }
