@@ -3,7 +3,9 @@
 
 use outpost_relay::store::postgres::PgStore;
 use outpost_relay::store::sled::SledStore;
-use outpost_relay::store::{HeldQuery, PunchQuery, Store};
+use outpost_relay::store::{
+    HeldQuery, Notice, PunchQuery, Store, StreamItem, StreamQuery, StreamRow,
+};
 use outpost_tests::postgres::PgServer;
 use outpost_tests::relay::{anchor, batch, punch, punches, record, records, unsynced_record, T0};
 
@@ -633,12 +635,198 @@ async fn concurrent_exactly_once(store: std::sync::Arc<dyn Store>) {
     assert_eq!(rows.len(), 200);
 }
 
+/// The whole event stream after `after`, read in pages of `page`.
+async fn whole_stream(store: &dyn Store, after: Option<u64>, page: usize) -> Vec<StreamRow> {
+    let mut out: Vec<StreamRow> = Vec::new();
+    let mut q = StreamQuery {
+        after,
+        through: None,
+        limit: page,
+    };
+    loop {
+        let got = store.stream(q).await.unwrap();
+        assert!(got.len() <= page);
+        let Some(last) = got.last().map(|r| r.cursor) else {
+            return out;
+        };
+        out.extend(got);
+        q.after = Some(last);
+    }
+}
+
+/// The event stream (store module docs, "One position space"): conflicts, rejected
+/// records and notices take positions from the punches' counter, in commit order, and
+/// a notice is appended once per key. Uses its own gateways and site (`EV`), after
+/// whatever the store holds.
+async fn event_stream(store: &dyn Store) {
+    // An empty sled store has head 0 and its first position is 0: read from the start.
+    let h0 = Some(store.head().await.unwrap()).filter(|&h| h > 0);
+    let notice = |key: &str| Notice {
+        key: key.into(),
+        kind: "output.disabled".into(),
+        output: Some("payroll".into()),
+        fields: serde_json::json!({"reason": "410"})
+            .as_object()
+            .unwrap()
+            .clone(),
+        at_ms: NOW,
+    };
+    // 1: three punches.
+    let first = vec![
+        punch("ev-dev", 1, "EMP-1", 1),
+        punch("ev-dev", 2, "EMP-1", 2),
+        punch("ev-dev", 3, "EMP-1", 3),
+    ];
+    store
+        .commit(batch("ev-a", "EV", 1, records(&first, 1)), NOW)
+        .await
+        .unwrap();
+    // 2: a conflict (same punch key, other content), a rejected record, a new punch.
+    let mut bad = punch("ev-bad", 1, "EMP-1", 1);
+    bad.utc_offset_min = Some(i16::MAX);
+    let second = vec![
+        punch("ev-dev", 1, "EMP-OTHER", 1),
+        bad,
+        punch("ev-dev", 4, "EMP-1", 4),
+    ];
+    let out = store
+        .commit(batch("ev-b", "EV", 1, records(&second, 1)), NOW)
+        .await
+        .unwrap();
+    assert_eq!((out.stored, out.conflicts, out.rejected), (1, 1, 1));
+    // 3: a notice, then two punches.
+    let n1 = store
+        .append_notice(notice("output.disabled/payroll/1"))
+        .await
+        .unwrap();
+    assert!(h0.is_none_or(|h| n1 > h));
+    store
+        .commit(
+            batch(
+                "ev-a",
+                "EV",
+                1,
+                records(
+                    &[
+                        punch("ev-dev", 5, "EMP-1", 5),
+                        punch("ev-dev", 6, "EMP-1", 6),
+                    ],
+                    4,
+                ),
+            ),
+            NOW,
+        )
+        .await
+        .unwrap();
+    // The same notice again: nothing new, the same position.
+    assert_eq!(
+        store
+            .append_notice(notice("output.disabled/payroll/1"))
+            .await
+            .unwrap(),
+        n1
+    );
+    let head = store.head().await.unwrap();
+    for page in [1, 2, 100] {
+        let rows = whole_stream(store, h0, page).await;
+        let kinds: Vec<&str> = rows
+            .iter()
+            .map(|r| match &r.item {
+                StreamItem::Punch(_) => "punch",
+                StreamItem::Conflict(_) => "conflict",
+                StreamItem::Rejected(_) => "rejected",
+                StreamItem::Notice(_) => "notice",
+            })
+            .collect();
+        assert_eq!(rows.len(), 9, "page {page}: {kinds:?}");
+        assert!(
+            rows.windows(2).all(|w| w[0].cursor < w[1].cursor),
+            "in position order"
+        );
+        assert_eq!(
+            rows.last().map(|r| r.cursor),
+            Some(head),
+            "head covers every kind"
+        );
+        // Commit order across commits; inside one commit the kinds' order is the store's.
+        assert_eq!(kinds[..3], ["punch"; 3]);
+        let mut mid = kinds[3..6].to_vec();
+        mid.sort_unstable();
+        assert_eq!(mid, ["conflict", "punch", "rejected"]);
+        assert_eq!(kinds[6..], ["notice", "punch", "punch"]);
+        assert_eq!(rows[6].cursor, n1);
+        for r in &rows {
+            match &r.item {
+                StreamItem::Punch(p) => assert_eq!(p.cursor, r.cursor),
+                StreamItem::Conflict(c) => {
+                    assert_eq!(c.record.punch.subject_id.as_str(), "EMP-OTHER");
+                    // The kept punch is the first of batch 1.
+                    assert_eq!(c.kept_cursor, rows[0].cursor);
+                }
+                StreamItem::Rejected(x) => assert!(!x.reason.is_empty()),
+                StreamItem::Notice(n) => assert_eq!(n, &notice("output.disabled/payroll/1")),
+            }
+        }
+        // A bounded read returns exactly the range.
+        let part = store
+            .stream(StreamQuery {
+                after: h0,
+                through: Some(rows[4].cursor),
+                limit: 100,
+            })
+            .await
+            .unwrap();
+        assert_eq!(part, rows[..5].to_vec());
+    }
+    // Punch pages still hold punches only.
+    let ev = all_punches(
+        store,
+        PunchQuery {
+            site: Some("EV".into()),
+            ..q(100)
+        },
+    )
+    .await;
+    assert_eq!(ev.len(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sled_event_stream_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let head = {
+        let store = SledStore::open(&path, 16 << 20).unwrap();
+        event_stream(&store).await;
+        let head = store.head().await.unwrap();
+        store.close().await.unwrap();
+        head
+    };
+    // At open the head covers every kind (the last entry is a punch, but the notice's
+    // position must not be reused).
+    let store = SledStore::open(&path, 16 << 20).unwrap();
+    assert_eq!(store.head().await.unwrap(), head);
+    let n = store
+        .append_notice(Notice {
+            key: "after-reopen".into(),
+            kind: "output.enabled".into(),
+            output: None,
+            fields: Default::default(),
+            at_ms: NOW,
+        })
+        .await
+        .unwrap();
+    assert!(n > head);
+    assert_eq!(whole_stream(&store, None, 3).await.len(), 10);
+    store.close().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sled_store_conformance() {
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(&dir.path().join("store"), 16 << 20).unwrap();
     conformance(&store).await;
     concurrent_exactly_once(std::sync::Arc::new(store.clone())).await;
+    event_stream(&store).await;
     store.close().await.unwrap();
 }
 
@@ -681,6 +869,7 @@ async fn postgres_store_conformance() {
     // The conformance pass names 10 gateways (gw-e, gw-r, gw-s, gw-sa and gw-sb after its
     // list check), the concurrent pass 6.
     assert_eq!(again.gateways().await.unwrap().len(), 10 + 6);
+    event_stream(&store).await;
     store.close().await.unwrap();
     tokio::task::spawn_blocking(move || drop(pg)).await.unwrap();
 }

@@ -188,7 +188,11 @@ pub async fn enable(store: &dyn Store, name: &str) -> Result<OutputState, Contro
     let ended = ended.lock().ok().and_then(|mut e| e.take());
     if let Some(d) = ended {
         store
-            .append_notice(super::notices::enabled(name, &d, outpost_ops::time::now_ms()))
+            .append_notice(super::notices::enabled(
+                name,
+                &d,
+                outpost_ops::time::now_ms(),
+            ))
             .await?;
     }
     Ok(s)

@@ -146,12 +146,7 @@ pub fn item(row: &StreamRow) -> Item {
                 json,
             )
         }
-        StreamItem::Notice(n) => (
-            format!("relay/{}", n.key),
-            RELAY_SITE,
-            "_",
-            n.to_json(),
-        ),
+        StreamItem::Notice(n) => (format!("relay/{}", n.key), RELAY_SITE, "_", n.to_json()),
     };
     json.insert("id".into(), Value::String(id.clone()));
     json.insert("cursor".into(), Value::String(row.cursor.to_string()));

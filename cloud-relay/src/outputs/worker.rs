@@ -56,8 +56,8 @@ use super::supervisor::OutputSpec;
 use super::wake::NewPunches;
 use crate::metrics::{Metrics, OutputKind, OutputLabel};
 use crate::store::{
-    Disabled, InFlight, OutputState, OutputWrite, Store, StoreError, StreamItem,
-    StreamQuery, StreamRow,
+    Disabled, InFlight, OutputState, OutputWrite, Store, StoreError, StreamItem, StreamQuery,
+    StreamRow,
 };
 
 /// While waiting (disabled, or before a retry) the state is read again this often, so an
@@ -266,7 +266,9 @@ impl Worker {
             );
             let Some((through, chosen)) = select(spec, rows) else {
                 // The range is empty now: nothing to send, move past it.
-                return self.record(state, f.through, Vec::new(), f.id, now_ms()).await;
+                return self
+                    .record(state, f.through, Vec::new(), f.id, now_ms())
+                    .await;
             };
             let created_ms = now_ms();
             let id = format!("{}_c{created_ms}", f.id);

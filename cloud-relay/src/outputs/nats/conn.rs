@@ -163,10 +163,7 @@ impl Conn {
         match self.js.get_stream(name).await {
             Ok(existing) => {
                 let theirs = &existing.cached_info().config.subjects;
-                if !subjects
-                    .iter()
-                    .all(|s| theirs.iter().any(|f| covers(f, s)))
-                {
+                if !subjects.iter().all(|s| theirs.iter().any(|f| covers(f, s))) {
                     tracing::warn!(
                         output = %output,
                         stream = %name,

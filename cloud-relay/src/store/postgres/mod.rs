@@ -43,9 +43,9 @@ pub use schema::MIGRATIONS;
 pub use tls::PgTls;
 
 use super::{
-    Backlog, BoxFuture, CommitOutcome, ConflictRow, GatewayInfo, HeldQuery, LeaseGrant,
-    Notice, OutputState, OutputWrite, PunchPage, PunchQuery, RejectedRow, Store, StoreError,
-    StreamQuery, StreamRow,
+    Backlog, BoxFuture, CommitOutcome, ConflictRow, GatewayInfo, HeldQuery, LeaseGrant, Notice,
+    OutputState, OutputWrite, PunchPage, PunchQuery, RejectedRow, Store, StoreError, StreamQuery,
+    StreamRow,
 };
 use crate::config::PgTlsMode;
 use tls::{connect_err, resolve_tls, tls_connector};

@@ -31,7 +31,9 @@ pub(super) async fn stream(pool: &Pool, q: StreamQuery) -> Result<Vec<StreamRow>
         return Ok(out);
     }
     let after = q.after.map_or(0, |a| a.min(i64::MAX as u64) as i64);
-    let through = q.through.map_or(i64::MAX, |t| t.min(i64::MAX as u64) as i64);
+    let through = q
+        .through
+        .map_or(i64::MAX, |t| t.min(i64::MAX as u64) as i64);
     let limit = q.limit as i64;
     let h = RECORD_COLS
         .split(", ")

@@ -89,7 +89,10 @@ impl Inner {
         })?;
         if let Some(v) = self.tree.get(notice_key(&n.key)).map_err(io)? {
             // Stored already (a retried append); the caller still waits for durability.
-            return Ok((be_u64("notice key", &v)?, self.applied.load(Ordering::SeqCst)));
+            return Ok((
+                be_u64("notice key", &v)?,
+                self.applied.load(Ordering::SeqCst),
+            ));
         }
         let fields = serde_json::to_string(&n.fields)
             .map_err(|e| StoreError::Corrupt(format!("notice fields: {e}")))?;
