@@ -11,6 +11,7 @@ use outpost_protocol::{
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::config::EventKind;
 use super::control::{self, ReplayFrom};
 use super::lease::Timing;
 use super::sink::{Delivery, Sink, SinkError};
@@ -77,6 +78,7 @@ fn spec(sites: &[&str], batch_max: usize) -> OutputSpec {
     OutputSpec {
         name: "out".into(),
         kind: "fake",
+        events: vec![EventKind::Punch],
         sites: sites.iter().map(|s| s.to_string()).collect(),
         batch_max,
         disable_after: Duration::from_secs(3600),
@@ -395,7 +397,8 @@ async fn gone_disables_at_once_and_enable_resends_the_same_delivery() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(log.lock().unwrap().len(), 1);
     control::enable(&*h.store, "out").await.unwrap();
-    h.wait_state("delivered after enable", |s| s.cursor == Some(2))
+    // The output's own disabled/enabled notices follow its punches: skipped, not sent.
+    h.wait_state("delivered after enable", |s| s.cursor >= Some(2))
         .await;
     let log = log.lock().unwrap().clone();
     assert_eq!(log.len(), 2);
@@ -449,4 +452,175 @@ async fn punches_of_other_sites_advance_the_cursor() {
     );
     assert_eq!(st.to_json(8000)["lag"], 1);
     assert_eq!(st.to_json(8000)["state"], "active");
+}
+
+impl Harness {
+    /// Commits `records` as one batch of gateway `gw` at `site`.
+    async fn commit_records(&self, gw: &str, site: &str, records: Vec<Record>) {
+        let b = Batch {
+            gateway_id: Id::new(gw).unwrap(),
+            site_id: Id::new(site).unwrap(),
+            journal_epoch: 1,
+            records,
+            anchors: vec![],
+        };
+        self.store.commit(b, 1000).await.unwrap();
+    }
+}
+
+/// A record of `device`/`device_seq` for `subject` under `gateway_seq`.
+fn rec(device: &str, device_seq: u64, subject: &str, gateway_seq: u64) -> Record {
+    Record {
+        punch: Punch {
+            device_id: Id::new(device).unwrap(),
+            device_seq,
+            subject_id: Id::new(subject).unwrap(),
+            kind: PunchKind::In,
+            verify: VerifyMethod::Card,
+            device_time_ms: 1_795_327_200_000 + device_seq as i64 * 60_000,
+            utc_offset_min: Some(60),
+        },
+        gateway_seq,
+        received: Received {
+            boot_id: BootId([9; 16]),
+            mono_ms: 1000 + gateway_seq,
+            wall_ms: 1_795_327_200_000,
+            clock_synced: true,
+        },
+        source: Source::Mqtt,
+    }
+}
+
+/// Punches 0–2, then (one batch) conflicts 3–4 and a rejected record 5, then punches 6–7.
+async fn mixed(h: &Harness) {
+    h.commit("gw-a", "HC001", 1..=3, 1000, true, vec![]).await;
+    let mut bad = rec("dev-x", 9, "EMP-1", 3);
+    bad.punch.utc_offset_min = Some(i16::MAX);
+    h.commit_records(
+        "gw-b",
+        "HC001",
+        vec![
+            rec("dev-gw-a", 1, "EMP-OTHER", 1),
+            rec("dev-gw-a", 2, "EMP-OTHER", 2),
+            bad,
+        ],
+    )
+    .await;
+    h.commit("gw-a", "HC001", 4..=5, 1000, true, vec![]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_is_delivered_in_runs_of_one_kind_in_cursor_order() {
+    let h = Harness::new();
+    mixed(&h).await;
+    let mut sp = spec(&[], 100);
+    sp.events = vec![EventKind::Punch, EventKind::Conflict, EventKind::Rejected];
+    let (task, log) = h.start(sp, vec![], Step::Ok);
+    h.wait_state("all delivered", |s| s.cursor == Some(7)).await;
+    let log = log.lock().unwrap().clone();
+    let runs: Vec<(EventKind, Vec<u64>)> = log
+        .iter()
+        .map(|d| (d.kind, d.items.iter().map(|i| i.cursor).collect()))
+        .collect();
+    assert_eq!(
+        runs,
+        vec![
+            (EventKind::Punch, vec![0, 1, 2]),
+            (EventKind::Conflict, vec![3, 4]),
+            (EventKind::Rejected, vec![5]),
+            (EventKind::Punch, vec![6, 7]),
+        ]
+    );
+    assert_eq!(
+        item_ids(&log)[3..6],
+        [
+            "conflict/HC001/dev-gw-a/1/gw-b/1/1",
+            "conflict/HC001/dev-gw-a/2/gw-b/1/2",
+            "rejected/gw-b/1/3",
+        ]
+    );
+    let c = &log[1].items[0].json;
+    assert_eq!(c["subject"], "EMP-OTHER");
+    assert_eq!(c["kept_cursor"], "0");
+    assert_eq!(c["cursor"], "3");
+    assert!(log[2].items[0].json["reason"].as_str().is_some());
+    assert_eq!(log[1].id, "msg_out_3_4");
+    h.cancel.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_of_punches_skips_the_other_kinds() {
+    let h = Harness::new();
+    mixed(&h).await;
+    let (task, log) = h.start(spec(&[], 100), vec![], Step::Ok);
+    h.wait_state("all read", |s| s.cursor == Some(7)).await;
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log.len(), 1, "the skipped kinds do not split the run");
+    assert_eq!(log[0].kind, EventKind::Punch);
+    let cursors: Vec<u64> = log[0].items.iter().map(|i| i.cursor).collect();
+    assert_eq!(cursors, [0, 1, 2, 6, 7]);
+    h.cancel.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_output_is_announced_once_to_the_others() {
+    let h = Harness::new();
+    h.commit("gw-a", "HC001", 1..=2, 1000, true, vec![]).await;
+    // "out" is gone at its first attempt.
+    let (task, _) = h.start(spec(&[], 100), vec![Step::Gone], Step::Ok);
+    let s = h.wait_state("disabled", |s| s.disabled.is_some()).await;
+    let at = s.disabled.as_ref().map(|d| d.at_ms).unwrap();
+    // A second worker of "out" (a restart) finds it disabled too: no second notice.
+    let again = CancellationToken::new();
+    let restarted = tokio::spawn(
+        Worker::new(
+            spec(&[], 100),
+            Box::new(FakeSink {
+                log: Arc::new(Mutex::new(Vec::new())),
+                script: VecDeque::new(),
+                then: Step::Ok,
+            }),
+            h.store.clone(),
+            h.metrics.clone(),
+            "test-relay".into(),
+            Timing::new(Duration::from_secs(15)),
+            NewPunches::new(Duration::from_millis(10)),
+        )
+        .run(again.clone()),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    again.cancel();
+    restarted.await.unwrap();
+    // "ops" wants gateway events only.
+    let mut ops = spec(&[], 100);
+    ops.name = "ops".into();
+    ops.events = vec![EventKind::Gateway];
+    let (ops_task, ops_log) = h.start(ops, vec![], Step::Ok);
+    wait_log(&ops_log, 1).await;
+    control::enable(&*h.store, "out").await.unwrap();
+    wait_log(&ops_log, 2).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = ops_log.lock().unwrap().clone();
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert!(log
+        .iter()
+        .all(|d| d.kind == EventKind::Gateway && d.items.len() == 1));
+    let (d, e) = (&log[0].items[0], &log[1].items[0]);
+    assert_eq!(d.id, format!("relay/output.disabled/out/{at}"));
+    assert_eq!(d.json["kind"], "output.disabled");
+    assert_eq!(d.json["output"], "out");
+    assert!(d.json["reason"]
+        .as_str()
+        .unwrap()
+        .contains("410 from the fake"));
+    assert_eq!(e.json["kind"], "output.enabled");
+    assert_eq!(d.site, "_relay");
+    // "out" itself is not sent its own notices: it delivers its punches and moves on.
+    h.wait_state("out past its notices", |s| s.cursor == Some(e.cursor))
+        .await;
+    h.cancel.cancel();
+    task.await.unwrap();
+    ops_task.await.unwrap();
 }
