@@ -82,6 +82,8 @@ struct Log {
     script: VecDeque<Reply>,
     calls: Vec<Call>,
     items: Vec<Value>,
+    /// The body `type` of each of `items`.
+    types: Vec<String>,
     bad_signatures: usize,
     malformed: Vec<String>,
 }
@@ -199,6 +201,19 @@ impl WebhookReceiver {
         self.shared.lock().items.clone()
     }
 
+    /// The items of every call answered 200 whose body `type` was `kind` (e.g.
+    /// `conflict.batch`), in arrival order, duplicates included.
+    pub fn items_of(&self, kind: &str) -> Vec<Value> {
+        let state = self.shared.lock();
+        state
+            .items
+            .iter()
+            .zip(&state.types)
+            .filter(|(_, t)| *t == kind)
+            .map(|(i, _)| i.clone())
+            .collect()
+    }
+
     /// The `id` of each of [`WebhookReceiver::items`], duplicates included.
     pub fn ids(&self) -> Vec<String> {
         self.shared.lock().items.iter().map(item_id).collect()
@@ -294,11 +309,20 @@ fn signature_ok(key: &[u8], signed: &[u8], header: &str) -> bool {
         })
 }
 
-/// The item ids of a body, or why it is not a `punch.batch`.
-fn parse_body(body: &[u8]) -> Result<Vec<Value>, String> {
+/// The body types the relay sends (`outpost_relay::outputs::webhook::event_type`).
+pub const BATCH_TYPES: [&str; 4] = [
+    "punch.batch",
+    "conflict.batch",
+    "rejected.batch",
+    "gateway.batch",
+];
+
+/// The type and items of a body, or why it is not one of [`BATCH_TYPES`].
+fn parse_body(body: &[u8]) -> Result<(String, Vec<Value>), String> {
     let v: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
-    if v["type"] != "punch.batch" || !v["timestamp"].is_string() {
-        return Err(format!("not a punch.batch with a timestamp: {v}"));
+    let kind = v["type"].as_str().unwrap_or_default().to_string();
+    if !BATCH_TYPES.contains(&kind.as_str()) || !v["timestamp"].is_string() {
+        return Err(format!("not a known batch type with a timestamp: {v}"));
     }
     let items = v["data"]["items"]
         .as_array()
@@ -307,7 +331,7 @@ fn parse_body(body: &[u8]) -> Result<Vec<Value>, String> {
     if items.is_empty() || items.iter().any(|i| !i["id"].is_string()) {
         return Err("data.items is empty or has an item without a string id".into());
     }
-    Ok(items)
+    Ok((kind, items))
 }
 
 async fn hook(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -351,8 +375,8 @@ async fn hook(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
     } else {
         parse_body(&body)
     };
-    let items = match items {
-        Ok(items) => items,
+    let (kind, items) = match items {
+        Ok(got) => got,
         Err(why) => {
             let mut state = shared.lock();
             state.malformed.push(format!("call {id:?}: {why}"));
@@ -392,6 +416,7 @@ async fn hook(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
     let mut state = shared.lock();
     call.status = response.status().as_u16();
     if reply == Reply::Ok {
+        state.types.extend(items.iter().map(|_| kind.clone()));
         state.items.extend(items);
     }
     record(call, &mut state);
