@@ -450,6 +450,7 @@ mod tests {
         Delivery {
             id: id.into(),
             created_ms: outpost_ops::time::now_ms(),
+            kind: EventKind::Punch,
             items,
         }
     }

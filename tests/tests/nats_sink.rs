@@ -46,6 +46,7 @@ fn delivery(items: Vec<Item>) -> Delivery {
     Delivery {
         id: format!("bus-{a}-{b}"),
         created_ms: 1_700_000_000_000,
+        kind: outpost_relay::outputs::config::EventKind::Punch,
         items,
     }
 }

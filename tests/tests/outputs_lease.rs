@@ -169,6 +169,7 @@ fn worker(
     let spec = OutputSpec {
         name: "payroll".into(),
         kind: "fake",
+        events: vec![outpost_relay::outputs::config::EventKind::Punch],
         sites: vec![],
         batch_max: 25,
         disable_after: Duration::from_secs(3600),
