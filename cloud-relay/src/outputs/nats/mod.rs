@@ -536,6 +536,37 @@ mod tests {
     }
 
     #[test]
+    fn other_kinds_go_to_the_event_subject() {
+        let item = Item {
+            id: "x".into(),
+            cursor: 1,
+            site: "HC001".into(),
+            device: "door-1".into(),
+            json: serde_json::Map::new(),
+        };
+        let s = NatsSink::new(&cfg("events = [\"punch\", \"conflict\"]")).unwrap();
+        assert_eq!(
+            s.subject_of_kind(EventKind::Conflict, &item),
+            "outpost.conflict.HC001"
+        );
+        assert_eq!(s.subject_of(&item), "outpost.punch.HC001.door-1");
+        assert_eq!(s.stream_subjects(), ["outpost.punch.*.*", "outpost.*.*"]);
+        // Punches only: the stream captures the punch subject alone.
+        assert_eq!(
+            NatsSink::new(&cfg("")).unwrap().stream_subjects(),
+            ["outpost.punch.*.*"]
+        );
+        // A covering event subject replaces the punch one (no overlapping subjects).
+        let s = NatsSink::new(&cfg(
+            "events = [\"punch\", \"gateway\"]\nevent_subject = \"outpost.{kind}.{site}.{device}\"",
+        ))
+        .unwrap();
+        assert_eq!(s.stream_subjects(), ["outpost.*.*.*"]);
+        let e = NatsSink::new(&cfg("event_subject = \"a.{kindx}\"")).unwrap_err();
+        assert!(e.to_string().contains("event_subject"), "{e}");
+    }
+
+    #[test]
     fn retry_delay_doubles_from_initial_to_max() {
         let s = NatsSink::new(&cfg("retry_initial_ms = 100\nretry_max_ms = 1000")).unwrap();
         let got: Vec<u128> = (1..=6).map(|n| s.retry_delay(n).as_millis()).collect();
