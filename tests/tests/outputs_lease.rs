@@ -1,12 +1,23 @@
 //! The output lease on a private PostgreSQL: two store objects (as two relays) ask for
 //! one output's lease; only one holds it, a stale holder cannot write the output's state,
-//! and when the holder stops renewing (dies) the other takes over within the lease
-//! timeout. Then the same with two output workers and a fake sink: the holder is killed
+//! and when the holder stops renewing (dies) the other takes over once the lease has run
+//! out. Then the same with two output workers and a fake sink: the holder is killed
 //! during a delivery and the other relay delivers every punch.
+//!
+//! Timing, robust on a loaded machine and still able to fail:
+//! - "not before the lease ran out" is checked against the lease itself: the database sets
+//!   the expiry from its clock when it runs the holder's last renewal, so the takeover's
+//!   answer cannot arrive before that renewal was *sent* plus the lease length (both
+//!   clocks are this machine's; [`CLOCK_SLACK`] covers the realtime/monotonic difference);
+//! - "the other relay waits" is checked after it has been told the lease is busy, twice
+//!   ([`Watched`] records every lease answer), not after a sleep;
+//! - "soon after it ran out" gets a generous bound ([`SCHEDULING_SLACK`]), and the measured
+//!   figure is printed: the exact figure depends on how loaded the machine is.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use outpost_protocol::Batch;
 use outpost_relay::metrics::Metrics;
 use outpost_relay::outputs::lease::Timing;
 use outpost_relay::outputs::sink::{Delivery, Sink, SinkError};
@@ -14,10 +25,124 @@ use outpost_relay::outputs::supervisor::OutputSpec;
 use outpost_relay::outputs::wake::NewPunches;
 use outpost_relay::outputs::worker::Worker;
 use outpost_relay::store::postgres::PgStore;
-use outpost_relay::store::{BoxFuture, LeaseGrant, OutputState, OutputWrite, Store};
+use outpost_relay::store::{
+    Backlog, BoxFuture, CommitOutcome, ConflictRow, GatewayInfo, HeldQuery, LeaseGrant,
+    OutputState, OutputWrite, PunchPage, PunchQuery, RejectedRow, Store, StoreError,
+};
 use outpost_tests::postgres::PgServer;
 use outpost_tests::relay::{batch, punches, records};
 use tokio_util::sync::CancellationToken;
+
+/// How far the database's clock (realtime) and the test's (monotonic) may drift apart
+/// over a few seconds.
+const CLOCK_SLACK: Duration = Duration::from_millis(20);
+/// On top of the design's bound, for a loaded machine (scheduling, PostgreSQL fsyncs).
+const SCHEDULING_SLACK: Duration = Duration::from_secs(5);
+
+/// One lease request, as [`Watched`] saw it.
+#[derive(Debug, Clone)]
+struct LeaseCall {
+    holder: String,
+    sent: Instant,
+    answered: Instant,
+    grant: LeaseGrant,
+}
+
+/// A store that passes everything through and records every answered lease request.
+struct Watched {
+    inner: Arc<dyn Store>,
+    leases: Arc<Mutex<Vec<LeaseCall>>>,
+}
+
+/// `store`, watched; the second value is its lease log.
+fn watched(store: Arc<dyn Store>) -> (Arc<dyn Store>, Arc<Mutex<Vec<LeaseCall>>>) {
+    let leases = Arc::new(Mutex::new(Vec::new()));
+    let w = Watched {
+        inner: store,
+        leases: leases.clone(),
+    };
+    (Arc::new(w), leases)
+}
+
+impl Store for Watched {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn commit(&self, b: Batch, now_ms: i64) -> BoxFuture<'_, Result<CommitOutcome, StoreError>> {
+        self.inner.commit(b, now_ms)
+    }
+    fn punches(&self, q: PunchQuery) -> BoxFuture<'_, Result<PunchPage, StoreError>> {
+        self.inner.punches(q)
+    }
+    fn gateways(&self) -> BoxFuture<'_, Result<Vec<GatewayInfo>, StoreError>> {
+        self.inner.gateways()
+    }
+    fn conflicts(&self, q: HeldQuery) -> BoxFuture<'_, Result<Vec<ConflictRow>, StoreError>> {
+        self.inner.conflicts(q)
+    }
+    fn rejected(&self, q: HeldQuery) -> BoxFuture<'_, Result<Vec<RejectedRow>, StoreError>> {
+        self.inner.rejected(q)
+    }
+    fn head(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        self.inner.head()
+    }
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.subscribe()
+    }
+    fn cursor_before(&self, before_ms: i64) -> BoxFuture<'_, Result<Option<u64>, StoreError>> {
+        self.inner.cursor_before(before_ms)
+    }
+    fn backlog<'a>(
+        &'a self,
+        after: Option<u64>,
+        sites: &'a [String],
+    ) -> BoxFuture<'a, Result<Backlog, StoreError>> {
+        self.inner.backlog(after, sites)
+    }
+    fn output_state<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<OutputState, StoreError>> {
+        self.inner.output_state(name)
+    }
+    fn output_write<'a>(
+        &'a self,
+        name: &'a str,
+        write: OutputWrite,
+    ) -> BoxFuture<'a, Result<Option<OutputState>, StoreError>> {
+        self.inner.output_write(name, write)
+    }
+    fn output_lease<'a>(
+        &'a self,
+        name: &'a str,
+        holder: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<LeaseGrant, StoreError>> {
+        Box::pin(async move {
+            let sent = Instant::now();
+            let answer = self.inner.output_lease(name, holder, ttl).await;
+            if let Ok(grant) = &answer {
+                self.leases.lock().unwrap().push(LeaseCall {
+                    holder: holder.to_string(),
+                    sent,
+                    answered: Instant::now(),
+                    grant: grant.clone(),
+                });
+            }
+            answer
+        })
+    }
+    fn output_release<'a>(
+        &'a self,
+        name: &'a str,
+        holder: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.output_release(name, holder)
+    }
+    fn ready(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.inner.ready()
+    }
+    fn close(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.inner.close()
+    }
+}
 
 async fn two_stores() -> (PgServer, Arc<dyn Store>, Arc<dyn Store>) {
     let pg = tokio::task::spawn_blocking(|| PgServer::start_with(false))
@@ -54,7 +179,8 @@ async fn one_holder_at_a_time_and_expiry_hands_over() {
             holder: "relay-a".into()
         }
     );
-    // A renewal keeps it; the other still cannot take it.
+    // A renewal keeps it (the last one relay-a sends); the other still cannot take it.
+    let renewed = Instant::now();
     assert_eq!(
         a.output_lease("o", "relay-a", ttl).await.unwrap(),
         LeaseGrant::Held
@@ -84,7 +210,6 @@ async fn one_holder_at_a_time_and_expiry_hands_over() {
         .is_none());
 
     // relay-a dies: no more renewals. relay-b asks every 50 ms.
-    let died = Instant::now();
     loop {
         match b.output_lease("o", "relay-b", ttl).await.unwrap() {
             LeaseGrant::Held => break,
@@ -92,17 +217,18 @@ async fn one_holder_at_a_time_and_expiry_hands_over() {
             LeaseGrant::Always => panic!("PostgreSQL never grants Always"),
         }
         assert!(
-            died.elapsed() < ttl + Duration::from_millis(500),
-            "no takeover within the lease time"
+            renewed.elapsed() < ttl + SCHEDULING_SLACK,
+            "no takeover within {:?} of the last renewal",
+            ttl + SCHEDULING_SLACK
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let took = died.elapsed();
+    let took = renewed.elapsed();
     assert!(
-        took >= Duration::from_millis(1000),
-        "took over too early: {took:?}"
+        took + CLOCK_SLACK >= ttl,
+        "took over {took:?} after the last renewal was sent, before its lease ({ttl:?}) ran out"
     );
-    println!("took over {took:?} after the last renewal (lease {ttl:?})");
+    println!("took over {took:?} after the last renewal was sent (lease {ttl:?})");
     // The stale holder can neither write nor take the lease back.
     let v = b.output_state("o").await.unwrap().version;
     assert!(a
@@ -193,6 +319,8 @@ fn worker(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_other_relay_takes_over_a_dead_holders_output_and_delivers_everything() {
     let (_pg, a, b) = two_stores().await;
+    let (a, leases_a) = watched(a);
+    let (b, leases_b) = watched(b);
     let all = punches(1..=100);
     a.commit(batch("gw-1", "HC001", 1, records(&all, 1)), 1000)
         .await
@@ -212,10 +340,35 @@ async fn the_other_relay_takes_over_a_dead_holders_output_and_delivers_everythin
     let (wb, log_b) = worker(&b, "relay-b", lease_timeout, 0);
     let cancel_b = CancellationToken::new();
     let task_b = tokio::spawn(wb.run(cancel_b.clone()));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // relay-b waits: once it has been told twice that relay-a holds the lease, it has
+    // delivered nothing (a worker that ignored the answer would have by its second ask).
+    let busy = LeaseGrant::Busy {
+        holder: "relay-a".into(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answers: Vec<LeaseGrant> = leases_b
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| c.grant.clone())
+            .collect();
+        assert!(
+            answers.iter().all(|g| *g == busy),
+            "relay-b was answered {answers:?} while relay-a was alive and renewing"
+        );
+        if answers.len() >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "relay-b never asked for the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(
         log_b.lock().unwrap().is_empty(),
-        "relay-b must wait for the lease"
+        "relay-b delivered without the lease"
     );
     // relay-a is killed (no release, no more renewals).
     task_a.abort();
@@ -235,11 +388,35 @@ async fn the_other_relay_takes_over_a_dead_holders_output_and_delivers_everythin
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let took_over = took_over.expect("relay-b delivered");
+    // relay-b's lease came no earlier than relay-a's last renewal allowed.
+    let length = Timing::new(lease_timeout).length;
+    let last_renewal = leases_a
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| c.holder == "relay-a" && c.grant == LeaseGrant::Held)
+        .map(|c| c.sent)
+        .max()
+        .expect("relay-a held the lease");
+    let granted = leases_b
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|c| c.grant == LeaseGrant::Held)
+        .map(|c| c.answered)
+        .expect("relay-b was granted the lease");
     println!(
-        "relay-b took over {took_over:?} after relay-a died (lease_timeout {lease_timeout:?})"
+        "relay-b took over {took_over:?} after relay-a died, its lease granted {:?} after \
+         relay-a's last renewal was sent (lease_timeout {lease_timeout:?}, lease {length:?})",
+        granted - last_renewal
     );
     assert!(
-        took_over <= lease_timeout + Duration::from_millis(300),
+        granted + CLOCK_SLACK >= last_renewal + length,
+        "relay-b got the lease {:?} after relay-a's last renewal, before it ran out",
+        granted - last_renewal
+    );
+    assert!(
+        took_over <= lease_timeout + SCHEDULING_SLACK,
         "takeover took {took_over:?}"
     );
     let first_a = log_a.lock().unwrap()[0].clone();
