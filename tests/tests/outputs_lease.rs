@@ -26,8 +26,9 @@ use outpost_relay::outputs::wake::NewPunches;
 use outpost_relay::outputs::worker::Worker;
 use outpost_relay::store::postgres::PgStore;
 use outpost_relay::store::{
-    Backlog, BoxFuture, CommitOutcome, ConflictRow, GatewayInfo, HeldQuery, LeaseGrant,
-    OutputState, OutputWrite, PunchPage, PunchQuery, RejectedRow, Store, StoreError,
+    Backlog, BoxFuture, CommitOutcome, ConflictRow, GatewayInfo, HeldQuery, LeaseGrant, Notice,
+    OutputState, OutputWrite, PunchPage, PunchQuery, RejectedRow, Store, StoreError, StreamQuery,
+    StreamRow,
 };
 use outpost_tests::postgres::PgServer;
 use outpost_tests::relay::{batch, punches, records};
@@ -82,6 +83,12 @@ impl Store for Watched {
     }
     fn rejected(&self, q: HeldQuery) -> BoxFuture<'_, Result<Vec<RejectedRow>, StoreError>> {
         self.inner.rejected(q)
+    }
+    fn stream(&self, q: StreamQuery) -> BoxFuture<'_, Result<Vec<StreamRow>, StoreError>> {
+        self.inner.stream(q)
+    }
+    fn append_notice(&self, notice: Notice) -> BoxFuture<'_, Result<u64, StoreError>> {
+        self.inner.append_notice(notice)
     }
     fn head(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
         self.inner.head()
