@@ -11,7 +11,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
 use super::error::{corrupt, pg_err, pool_err};
-use super::schema::{row_to_record, HeldRecord, RECORD_COLS};
+use super::schema::{row_to_record, RECORD_COLS};
 use crate::store::{
     ConflictRow, GatewayInfo, HeldQuery, PunchPage, PunchQuery, PunchRow, RejectedRow, SeqRanges,
     StoreError,
@@ -61,16 +61,7 @@ pub(super) async fn punches(pool: &Pool, q: &PunchQuery) -> Result<PunchPage, St
             page.next_cursor = page.items.last().map(|r| r.cursor);
             break;
         }
-        let (site_id, gateway_id, journal_epoch, record, stored_at_ms) = row_to_record(&row, 1)?;
-        page.items.push(PunchRow {
-            cursor: row.try_get::<_, i64>(0).map_err(pg_err)? as u64,
-            site_id,
-            gateway_id,
-            journal_epoch,
-            record,
-            stored_at_ms,
-            corrected_ms: row.try_get(18).map_err(pg_err)?,
-        });
+        page.items.push(punch_row(&row)?);
     }
     Ok(page)
 }
@@ -138,14 +129,10 @@ async fn held(
     extra_col: &str,
     join: &str,
     q: &HeldQuery,
-) -> Result<Vec<(u64, HeldRecord, Row)>, StoreError> {
+) -> Result<Vec<Row>, StoreError> {
     let client = pool.get().await.map_err(pool_err)?;
     let after = q.after.map_or(0, |a| a.min(i64::MAX as u64) as i64);
-    let cols = RECORD_COLS
-        .split(", ")
-        .map(|c| format!("h.{}", c.trim()))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let cols = record_cols_of("h");
     // A NULL array is "every site"; the filter is in the query so LIMIT counts only
     // matching rows.
     let rows = client
@@ -158,12 +145,7 @@ async fn held(
         )
         .await
         .map_err(pg_err)?;
-    rows.into_iter()
-        .map(|row| {
-            let id = row.try_get::<_, i64>(0).map_err(pg_err)? as u64;
-            Ok((id, row_to_record(&row, 1)?, row))
-        })
-        .collect()
+    Ok(rows)
 }
 
 /// Conflicts matching `q`, oldest first.
@@ -177,40 +159,16 @@ pub(super) async fn conflicts(pool: &Pool, q: &HeldQuery) -> Result<Vec<Conflict
         q,
     )
     .await?;
-    rows.into_iter()
-        .map(
-            |(id, (site_id, gateway_id, journal_epoch, record, stored_at_ms), row)| {
-                Ok(ConflictRow {
-                    id,
-                    site_id,
-                    gateway_id,
-                    journal_epoch,
-                    record,
-                    stored_at_ms,
-                    kept_cursor: row.try_get::<_, i64>(18).map_err(pg_err)? as u64,
-                })
-            },
-        )
+    rows.iter()
+        .map(|row| conflict_row(row.try_get::<_, i64>(0).map_err(pg_err)? as u64, row))
         .collect()
 }
 
 /// Rejected records matching `q`, oldest first.
 pub(super) async fn rejected(pool: &Pool, q: &HeldQuery) -> Result<Vec<RejectedRow>, StoreError> {
     let rows = held(pool, "rejected", "h.reason", "", q).await?;
-    rows.into_iter()
-        .map(
-            |(id, (site_id, gateway_id, journal_epoch, record, stored_at_ms), row)| {
-                Ok(RejectedRow {
-                    id,
-                    site_id,
-                    gateway_id,
-                    journal_epoch,
-                    record,
-                    stored_at_ms,
-                    reason: row.try_get(18).map_err(pg_err)?,
-                })
-            },
-        )
+    rows.iter()
+        .map(|row| rejected_row(row.try_get::<_, i64>(0).map_err(pg_err)? as u64, row))
         .collect()
 }
 
@@ -219,4 +177,55 @@ pub(super) async fn ready(pool: &Pool) -> Result<(), StoreError> {
     let client = pool.get().await.map_err(pool_err)?;
     client.simple_query("SELECT 1").await.map_err(pg_err)?;
     Ok(())
+}
+
+/// [`RECORD_COLS`] with each column prefixed by the table alias `alias`.
+pub(super) fn record_cols_of(alias: &str) -> String {
+    RECORD_COLS
+        .split(", ")
+        .map(|c| format!("{alias}.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A punch from a row laid out `pos, RECORD_COLS, corrected_ms`.
+pub(super) fn punch_row(row: &Row) -> Result<PunchRow, StoreError> {
+    let (site_id, gateway_id, journal_epoch, record, stored_at_ms) = row_to_record(row, 1)?;
+    Ok(PunchRow {
+        cursor: row.try_get::<_, i64>(0).map_err(pg_err)? as u64,
+        site_id,
+        gateway_id,
+        journal_epoch,
+        record,
+        stored_at_ms,
+        corrected_ms: row.try_get(18).map_err(pg_err)?,
+    })
+}
+
+/// Conflict `id` from a row laid out `<any>, RECORD_COLS, <kept punch's pos>, ...`.
+pub(super) fn conflict_row(id: u64, row: &Row) -> Result<ConflictRow, StoreError> {
+    let (site_id, gateway_id, journal_epoch, record, stored_at_ms) = row_to_record(row, 1)?;
+    Ok(ConflictRow {
+        id,
+        site_id,
+        gateway_id,
+        journal_epoch,
+        record,
+        stored_at_ms,
+        kept_cursor: row.try_get::<_, i64>(18).map_err(pg_err)? as u64,
+    })
+}
+
+/// Rejected record `id` from a row laid out `<any>, RECORD_COLS, reason, ...`.
+pub(super) fn rejected_row(id: u64, row: &Row) -> Result<RejectedRow, StoreError> {
+    let (site_id, gateway_id, journal_epoch, record, stored_at_ms) = row_to_record(row, 1)?;
+    Ok(RejectedRow {
+        id,
+        site_id,
+        gateway_id,
+        journal_epoch,
+        record,
+        stored_at_ms,
+        reason: row.try_get(18).map_err(pg_err)?,
+    })
 }

@@ -15,10 +15,9 @@ use deadpool_postgres::Pool;
 use serde_json::{Map, Value};
 
 use super::error::{pg_err, pool_err};
-use super::schema::{row_to_record, NOTIFY_CHANNEL, POS_LOCK, RECORD_COLS};
-use crate::store::{
-    ConflictRow, Notice, PunchRow, RejectedRow, StoreError, StreamItem, StreamQuery, StreamRow,
-};
+use super::query::{conflict_row, punch_row, record_cols_of, rejected_row};
+use super::schema::{NOTIFY_CHANNEL, POS_LOCK, RECORD_COLS};
+use crate::store::{Notice, StoreError, StreamItem, StreamQuery, StreamRow};
 
 fn corrupt_fields(e: serde_json::Error) -> StoreError {
     StoreError::Corrupt(format!("notice fields: {e}"))
@@ -35,11 +34,7 @@ pub(super) async fn stream(pool: &Pool, q: StreamQuery) -> Result<Vec<StreamRow>
         .through
         .map_or(i64::MAX, |t| t.min(i64::MAX as u64) as i64);
     let limit = q.limit as i64;
-    let h = RECORD_COLS
-        .split(", ")
-        .map(|c| format!("h.{}", c.trim()))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let h = record_cols_of("h");
     let mut client = pool.get().await.map_err(pool_err)?;
     let tx = client
         .build_transaction()
@@ -58,19 +53,10 @@ pub(super) async fn stream(pool: &Pool, q: StreamQuery) -> Result<Vec<StreamRow>
         .await
         .map_err(pg_err)?
     {
-        let cursor = row.try_get::<_, i64>(0).map_err(pg_err)? as u64;
-        let (site_id, gateway_id, journal_epoch, record, stored_at_ms) = row_to_record(&row, 1)?;
+        let punch = punch_row(&row)?;
         out.push(StreamRow {
-            cursor,
-            item: StreamItem::Punch(PunchRow {
-                cursor,
-                site_id,
-                gateway_id,
-                journal_epoch,
-                record,
-                stored_at_ms,
-                corrected_ms: row.try_get(18).map_err(pg_err)?,
-            }),
+            cursor: punch.cursor,
+            item: StreamItem::Punch(punch),
         });
     }
     let held = |table: &str, extra: &str, join: &str| {
@@ -87,19 +73,10 @@ pub(super) async fn stream(pool: &Pool, q: StreamQuery) -> Result<Vec<StreamRow>
         .await
         .map_err(pg_err)?
     {
-        let cursor = row.try_get::<_, i64>(0).map_err(pg_err)? as u64;
-        let (site_id, gateway_id, journal_epoch, record, stored_at_ms) = row_to_record(&row, 1)?;
+        let id = row.try_get::<_, i64>(19).map_err(pg_err)? as u64;
         out.push(StreamRow {
-            cursor,
-            item: StreamItem::Conflict(ConflictRow {
-                id: row.try_get::<_, i64>(19).map_err(pg_err)? as u64,
-                site_id,
-                gateway_id,
-                journal_epoch,
-                record,
-                stored_at_ms,
-                kept_cursor: row.try_get::<_, i64>(18).map_err(pg_err)? as u64,
-            }),
+            cursor: row.try_get::<_, i64>(0).map_err(pg_err)? as u64,
+            item: StreamItem::Conflict(conflict_row(id, &row)?),
         });
     }
     for row in tx
@@ -107,19 +84,10 @@ pub(super) async fn stream(pool: &Pool, q: StreamQuery) -> Result<Vec<StreamRow>
         .await
         .map_err(pg_err)?
     {
-        let cursor = row.try_get::<_, i64>(0).map_err(pg_err)? as u64;
-        let (site_id, gateway_id, journal_epoch, record, stored_at_ms) = row_to_record(&row, 1)?;
+        let id = row.try_get::<_, i64>(19).map_err(pg_err)? as u64;
         out.push(StreamRow {
-            cursor,
-            item: StreamItem::Rejected(RejectedRow {
-                id: row.try_get::<_, i64>(19).map_err(pg_err)? as u64,
-                site_id,
-                gateway_id,
-                journal_epoch,
-                record,
-                stored_at_ms,
-                reason: row.try_get(18).map_err(pg_err)?,
-            }),
+            cursor: row.try_get::<_, i64>(0).map_err(pg_err)? as u64,
+            item: StreamItem::Rejected(rejected_row(id, &row)?),
         });
     }
     for row in tx
